@@ -1,0 +1,38 @@
+# Set-up and checks. `make test` and `make demo` work on a fresh machine: they create .venv,
+# install bioconf with all extras (dev/CI pins in constraints/cpu.txt) and run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints/cpu.txt
+# Reinstall only when the package metadata or the pins change.
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench schema-table clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check bioconf tests benchmarks tools examples
+	$(VENV)/bin/ruff format --check bioconf tests benchmarks tools examples
+
+test: lint
+	$(PY) -m pytest -n 2 -q
+
+demo: $(STAMP)
+	$(VENV)/bin/bioconf demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+# Regenerate bioconf/schema/megatron_fields.py from the installed megatron-core.
+schema-table: $(STAMP)
+	$(PY) tools/generate_fields.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

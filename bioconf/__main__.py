@@ -1,0 +1,5 @@
+import sys
+
+from bioconf.cli import main
+
+sys.exit(main())

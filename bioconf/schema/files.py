@@ -1,0 +1,157 @@
+"""Config files: JSON or YAML in, canonical JSON out, with file names and lines in every error."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from pydantic import ValidationError
+
+from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError, issues_from_validation
+from bioconf.schema.model import ModelConfig
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as JSON does."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+@dataclass(frozen=True)
+class ConfigDocument:
+    """A parsed config file: its top-level mapping and where each top-level key stands."""
+
+    source: str
+    data: dict[str, Any]
+    key_lines: Callable[[str], int | None]
+
+
+def read_document(path: str | os.PathLike[str]) -> ConfigDocument:
+    """Parse a JSON or YAML config file (by suffix; JSON otherwise) into a mapping."""
+    source = os.fspath(path)
+    try:
+        raw = Path(source).read_bytes()
+    except OSError as error:
+        raise ConfigReadError([ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)])
+    if source.endswith(YAML_SUFFIXES):
+        return _parse_yaml(raw, source)
+    return parse_json_document(raw, source)
+
+
+def parse_json_document(raw: bytes | str, source: str) -> ConfigDocument:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        line = raw.count(b"\n" if isinstance(raw, bytes) else "\n", 0, error.pos) + 1
+        raise ConfigReadError([ConfigIssue(f"invalid JSON: {error.msg}", "json_invalid", source=source, line=line)])
+    _require_mapping(data, source)
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+    def key_lines(key: str) -> int | None:
+        match = re.search(r'"%s"\s*:' % re.escape(key), text)
+        return text.count("\n", 0, match.start()) + 1 if match else None
+
+    return ConfigDocument(source, data, key_lines)
+
+
+def _parse_yaml(raw: bytes, source: str) -> ConfigDocument:
+    loader = _YamlLoader(raw)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigReadError(
+            [
+                ConfigIssue(
+                    f"invalid YAML: {problem}",
+                    "yaml_invalid",
+                    source=source,
+                    line=mark.line + 1 if mark else None,
+                )
+            ]
+        ) from None
+    finally:
+        loader.dispose()
+    _require_mapping(data, source)
+    lines: dict[str, int] = {}
+    duplicates = []
+    for key_node, _ in node.value:
+        if key_node.value in lines:
+            duplicates.append(
+                ConfigIssue(
+                    f"key {key_node.value!r} appears twice (first on line {lines[key_node.value]})",
+                    "duplicate_key",
+                    loc=(key_node.value,),
+                    source=source,
+                    line=key_node.start_mark.line + 1,
+                )
+            )
+        lines.setdefault(key_node.value, key_node.start_mark.line + 1)
+    if duplicates:
+        raise ConfigReadError(duplicates)
+    return ConfigDocument(source, data, lines.get)
+
+
+def _require_mapping(data: Any, source: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigReadError(
+            [ConfigIssue(f"a config must be a mapping of field names to values, not {type(data).__name__}",
+                         "not_a_mapping", source=source, line=1)]
+        )
+
+
+def validate_document(document: ConfigDocument, overrides: Iterable[str | Mapping[str, Any]] = ()) -> ModelConfig:
+    """Validate a parsed document, then apply overrides; errors name the file and line."""
+    try:
+        config = ModelConfig.model_validate(document.data)
+    except ValidationError as error:
+        raise ConfigError(issues_from_validation(error, document.source, document.key_lines)) from None
+    overrides = list(overrides)
+    return config.with_overrides(*overrides) if overrides else config
+
+
+def load_config(path: str | os.PathLike[str], overrides: Iterable[str | Mapping[str, Any]] = ()) -> ModelConfig:
+    """Read, validate and (optionally) override a JSON or YAML config file."""
+    return validate_document(read_document(path), overrides)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a
+    crash never leaves a half-written file."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_config(config: ModelConfig, path: str | os.PathLike[str], *, exclude_defaults: bool = True) -> None:
+    """Write the canonical JSON (or YAML, by suffix) of ``config`` atomically."""
+    data = config.to_dict(exclude_defaults=exclude_defaults)
+    if os.fspath(path).endswith(YAML_SUFFIXES):
+        payload = yaml.safe_dump(dict(sorted(data.items())), sort_keys=False).encode()
+    else:
+        payload = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
+    write_atomic(path, payload)

@@ -1,0 +1,232 @@
+"""``ModelConfig``: a validated, flat config for a Megatron-Core model started from a checkpoint.
+
+The megatron fields come from the generated table (``megatron_fields.py``); this module adds
+what building a model and starting from a checkpoint need, and the validation that catches at
+submit time what megatron would raise on a GPU node:
+
+- unknown keys are errors with a "did you mean" suggestion;
+- scalars are strict: ``3.7`` (or ``"3"``) for an integer field is an error, never a silent cast;
+- megatron's cross-field rules (``bioconf.schema.rules``) run on every validation and report
+  every violated rule against every field involved.
+
+Instances are frozen values: derive new ones with ``with_overrides``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Final
+
+import orjson
+from pydantic import ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from bioconf.schema import rules
+from bioconf.schema.megatron_fields import MegatronFields
+
+# Aliases for the model families bioconf builds itself; anything else is "package.module:Class".
+MODEL_CLS_ALIASES: Final[tuple[str, ...]] = ("gpt", "bert")
+_IMPORT_PATH = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+ModelClass = Annotated[str, StringConstraints(pattern=rf"^(gpt|bert|{_IMPORT_PATH})$")]
+"""``"gpt"``, ``"bert"`` or an import path ``"package.module:Class"`` (resolved only by the runtime)."""
+
+SkipPrefix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.?$")]
+"""A state-dict key prefix such as ``"head."`` or ``"encoder.layers.11"``."""
+
+# Fields that NeMo/BioNeMo model configs define but bioconf does not model. They may be named
+# in override_parent_fields (the BioNeMo default list names the metric fields).
+BIONEMO_ONLY_FIELDS: Final[frozenset[str]] = frozenset({"train_metric", "valid_metric"})
+
+# The seed's keep-list, plus what a fine-tune legitimately changes: parallel layout and precision.
+OVERRIDE_BIONEMO_CONFIG_DEFAULTS: Final[tuple[str, ...]] = (
+    "initial_ckpt_skip_keys_with_these_prefixes",
+    "override_parent_fields",
+    "initial_ckpt_path_ignore_weights",
+    "initial_ckpt_path",
+    "model_cls",
+    "bf16",
+    "fp16",
+    "train_metric",
+    "valid_metric",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size",
+    "context_parallel_size",
+    "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
+    "sequence_parallel",
+    "params_dtype",
+    "pipeline_dtype",
+    "autocast_dtype",
+)
+
+_CHECKPOINT = {"x-group": "checkpoint", "x-level": "basic"}
+
+
+class ModelConfig(MegatronFields):
+    """A Megatron model config as data: every JSON-expressible TransformerConfig field, plus the
+    checkpoint fields of BioNeMo's ``MegatronBioNeMoTrainableModelConfig`` and what building a
+    model needs (``model_cls``, ``vocab_size``, ``seq_length``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        title="bioconf ModelConfig",
+        use_attribute_docstrings=False,
+    )
+
+    model_cls: ModelClass = Field(
+        default="gpt",
+        description="The model to build: 'gpt' or 'bert' (megatron-core's models), or an import path "
+        "'package.module:Class' of a user model class, imported only by the runtime.",
+        json_schema_extra={"x-group": "architecture", "x-level": "basic"},
+    )
+    vocab_size: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Vocabulary size of the embedding and output layers. Needed to build a model; "
+        "may come from the starting checkpoint.",
+        json_schema_extra={"x-group": "architecture", "x-level": "basic"},
+    )
+    seq_length: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Maximum sequence length (position embeddings, rotary tables). Needed to build a "
+        "model; may come from the starting checkpoint.",
+        json_schema_extra={"x-group": "architecture", "x-level": "basic"},
+    )
+    initial_ckpt_path: str | None = Field(
+        default=None,
+        description="NeMo 2 checkpoint directory to start from: its settings are loaded into this "
+        "config (except the fields in override_parent_fields), then its weights into the model.",
+        json_schema_extra=_CHECKPOINT,
+    )
+    initial_ckpt_skip_keys_with_these_prefixes: list[SkipPrefix] = Field(
+        default=[],
+        description="Model state-dict key prefixes whose weights are not loaded from the checkpoint "
+        "(e.g. a new output head).",
+        json_schema_extra=_CHECKPOINT,
+    )
+    initial_ckpt_path_ignore_weights: bool = Field(
+        default=False,
+        description="Load only the settings from initial_ckpt_path, not its weights.",
+        json_schema_extra=_CHECKPOINT,
+    )
+    override_parent_fields: list[str] = Field(
+        default=list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS),
+        description="Fields whose value in this config is kept when settings are loaded from "
+        "initial_ckpt_path; every other field takes the checkpoint's value.",
+        json_schema_extra=_CHECKPOINT,
+    )
+
+    @field_validator("override_parent_fields")
+    @classmethod
+    def _known_unique_fields(cls, names: list[str]) -> list[str]:
+        known = cls.model_fields.keys() | BIONEMO_ONLY_FIELDS
+        seen: set[str] = set()
+        for index, name in enumerate(names):
+            if name not in known:
+                raise PydanticCustomError(
+                    "unknown_field_name",
+                    "{name} (item {index}) is not a field{hint}",
+                    {"index": index, "name": repr(name), "hint": _did_you_mean(name, known)},
+                )
+            if name in seen:
+                raise PydanticCustomError(
+                    "duplicate_name",
+                    "{name} (item {index}) is listed twice",
+                    {"index": index, "name": repr(name)},
+                )
+            seen.add(name)
+        return names
+
+    @field_validator("initial_ckpt_skip_keys_with_these_prefixes")
+    @classmethod
+    def _unique_prefixes(cls, prefixes: list[str]) -> list[str]:
+        if len(set(prefixes)) != len(prefixes):
+            duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
+            raise PydanticCustomError(
+                "duplicate_name", "skip prefixes listed twice: {names}", {"names": ", ".join(duplicates)}
+            )
+        return prefixes
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check(cls, data: Any, handler: Any) -> ModelConfig:
+        """Field validation, then megatron's cross-field rules; errors carry field locations."""
+        try:
+            config = handler(data)
+        except ValidationError as error:
+            raise _with_suggestions(error, cls) from None
+        violations = rules.check_rules(config)
+        if violations:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("megatron_rule", violation.message),
+                        loc=(violation.fields[0],),
+                        input={name: getattr(config, name, None) for name in violation.fields},
+                    )
+                    for violation in violations
+                ],
+            )
+        return config
+
+    # ---- derived views -------------------------------------------------------------------
+
+    def advice(self) -> list[str]:
+        """Megatron's warnings for this config: legal, but probably not what was meant."""
+        return [violation.message for violation in rules.rule_warnings(self)]
+
+    def to_dict(self, *, exclude_defaults: bool = False) -> dict[str, Any]:
+        """JSON-ready dict with canonical spellings (tuples as lists, dtypes and enums by name)."""
+        return self.model_dump(mode="json", exclude_defaults=exclude_defaults)
+
+    def to_json(self, *, exclude_defaults: bool = False, indent: bool = False) -> bytes:
+        """Canonical JSON: sorted keys, canonical spellings; ``exclude_defaults`` drops values equal
+        to their default. Equal configs give identical bytes."""
+        option = orjson.OPT_SORT_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
+        return orjson.dumps(self.to_dict(exclude_defaults=exclude_defaults), option=option)
+
+    def fingerprint(self) -> str:
+        """sha256 of the full canonical JSON: two configs that build the same model share it."""
+        return hashlib.sha256(self.to_json()).hexdigest()
+
+    def explicit_fields(self) -> dict[str, Any]:
+        """The fields that were set explicitly (not left to their default), in schema form."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+    def with_overrides(self, *overrides: str | Mapping[str, Any]) -> ModelConfig:
+        """A new config with ``"key=value"`` / ``"key+=[...]"`` strings or mappings applied on top of
+        this one, validated as a whole; an invalid result raises ``OverrideError``."""
+        from bioconf.schema.overrides import apply_overrides
+
+        return apply_overrides(self, overrides)
+
+    def __repr_args__(self) -> Iterable[tuple[str, Any]]:
+        # 240 fields is a wall: show only what was set.
+        return [(name, getattr(self, name)) for name in self.model_fields if name in self.model_fields_set]
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _with_suggestions(error: ValidationError, model: type[ModelConfig]) -> ValidationError:
+    """Rewrite pydantic's "extra inputs are not permitted" as "unknown field ...; did you mean".
+
+    Re-raising needs every error as a custom error: pydantic only rebuilds its own types from a
+    name, and ours (dtype, activation, ...) would not round-trip.
+    """
+    details: list[InitErrorDetails] = []
+    for item in error.errors(include_url=False):
+        if item["type"] == "extra_forbidden":
+            name = str(item["loc"][-1])
+            kind, message = "unknown_field", f"unknown field {name!r}{_did_you_mean(name, model.model_fields)}"
+        else:
+            kind, message = item["type"], item["msg"]
+        details.append(InitErrorDetails(type=PydanticCustomError(kind, message), loc=item["loc"], input=item["input"]))
+    return ValidationError.from_exception_data(error.title, details)
