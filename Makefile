@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[all]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) --config-settings editable_mode=compat -e ".[all]"
 	touch $(STAMP)
 
 install: $(STAMP)

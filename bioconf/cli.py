@@ -30,7 +30,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         result: dict[str, Any] = {"file": path, "valid": False, "errors": [], "warnings": []}
         try:
-            document = parse_json_document(sys.stdin.buffer.read(), "<stdin>") if path == "-" else read_document(path)
+            document = (
+                parse_json_document(sys.stdin.buffer.read(), "<stdin>")
+                if path == "-"
+                else read_document(path)
+            )
             config = validate_document(document, args.overrides)
         except ConfigError as error:
             result["errors"] = error.to_list()
@@ -78,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate config files (JSON or YAML)",
         description="Validate config files. Text errors read 'FILE:LINE: field: message (got VALUE)'.",
     )
-    validate.add_argument("files", nargs="+", metavar="FILE", help="config file (.json, .yaml); '-' reads JSON from stdin")
+    validate.add_argument(
+        "files", nargs="+", metavar="FILE", help="config file (.json, .yaml); '-' reads JSON from stdin"
+    )
     validate.add_argument(
         "--set",
         dest="overrides",

@@ -11,24 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
-from pydantic import ValidationError
 
-from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError, issues_from_validation
+from bioconf.schema.errors import ConfigIssue, ConfigReadError
 from bioconf.schema.model import ModelConfig
+from bioconf.schema.overrides import validate_with_overrides
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as JSON does."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -46,7 +37,9 @@ def read_document(path: str | os.PathLike[str]) -> ConfigDocument:
     try:
         raw = Path(source).read_bytes()
     except OSError as error:
-        raise ConfigReadError([ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)])
+        raise ConfigReadError(
+            [ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)]
+        ) from None
     if source.endswith(YAML_SUFFIXES):
         return _parse_yaml(raw, source)
     return parse_json_document(raw, source)
@@ -57,19 +50,27 @@ def parse_json_document(raw: bytes | str, source: str) -> ConfigDocument:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         line = raw.count(b"\n" if isinstance(raw, bytes) else "\n", 0, error.pos) + 1
-        raise ConfigReadError([ConfigIssue(f"invalid JSON: {error.msg}", "json_invalid", source=source, line=line)])
+        raise ConfigReadError(
+            [ConfigIssue(f"invalid JSON: {error.msg}", "json_invalid", source=source, line=line)]
+        ) from None
     _require_mapping(data, source)
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
     def key_lines(key: str) -> int | None:
-        match = re.search(r'"%s"\s*:' % re.escape(key), text)
+        match = re.search(rf'"{re.escape(key)}"\s*:', text)
         return text.count("\n", 0, match.start()) + 1 if match else None
 
     return ConfigDocument(source, data, key_lines)
 
 
 def _parse_yaml(raw: bytes, source: str) -> ConfigDocument:
-    loader = _YamlLoader(raw)
+    import yaml  # only YAML input pays for the import
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as JSON does."""
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+    loader = Loader(raw)
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
@@ -111,22 +112,28 @@ def _parse_yaml(raw: bytes, source: str) -> ConfigDocument:
 def _require_mapping(data: Any, source: str) -> None:
     if not isinstance(data, dict):
         raise ConfigReadError(
-            [ConfigIssue(f"a config must be a mapping of field names to values, not {type(data).__name__}",
-                         "not_a_mapping", source=source, line=1)]
+            [
+                ConfigIssue(
+                    f"a config must be a mapping of field names to values, not {type(data).__name__}",
+                    "not_a_mapping",
+                    source=source,
+                    line=1,
+                )
+            ]
         )
 
 
-def validate_document(document: ConfigDocument, overrides: Iterable[str | Mapping[str, Any]] = ()) -> ModelConfig:
-    """Validate a parsed document, then apply overrides; errors name the file and line."""
-    try:
-        config = ModelConfig.model_validate(document.data)
-    except ValidationError as error:
-        raise ConfigError(issues_from_validation(error, document.source, document.key_lines)) from None
-    overrides = list(overrides)
-    return config.with_overrides(*overrides) if overrides else config
+def validate_document(
+    document: ConfigDocument, overrides: Iterable[str | Mapping[str, Any]] = ()
+) -> ModelConfig:
+    """Apply overrides to a parsed document and validate the result; errors name the file and line,
+    or the override."""
+    return validate_with_overrides(document.data, overrides, document.source, document.key_lines)
 
 
-def load_config(path: str | os.PathLike[str], overrides: Iterable[str | Mapping[str, Any]] = ()) -> ModelConfig:
+def load_config(
+    path: str | os.PathLike[str], overrides: Iterable[str | Mapping[str, Any]] = ()
+) -> ModelConfig:
     """Read, validate and (optionally) override a JSON or YAML config file."""
     return validate_document(read_document(path), overrides)
 
@@ -151,6 +158,8 @@ def save_config(config: ModelConfig, path: str | os.PathLike[str], *, exclude_de
     """Write the canonical JSON (or YAML, by suffix) of ``config`` atomically."""
     data = config.to_dict(exclude_defaults=exclude_defaults)
     if os.fspath(path).endswith(YAML_SUFFIXES):
+        import yaml
+
         payload = yaml.safe_dump(dict(sorted(data.items())), sort_keys=False).encode()
     else:
         payload = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"

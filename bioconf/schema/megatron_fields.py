@@ -7,11 +7,11 @@ Names, types, defaults and descriptions follow megatron-core; dtypes, the activa
 are held by name (see bioconf.schema.names). Fields with no JSON form are listed in NO_JSON_FORM.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: pydantic would compile every annotation string at
+# import time, which is a tenth of the CLI's start-up.
+from typing import Annotated, Literal
 
-from typing import Literal
-
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 from bioconf.schema.names import Activation, DType
 
@@ -35,6 +35,9 @@ NO_JSON_FORM: dict[str, str] = {
 
 class MegatronFields(BaseModel):
     """The TransformerConfig fields (ModelParallelConfig's included), in megatron's order."""
+
+    # Only subclasses validate: building this class's validator too would double import time.
+    model_config = ConfigDict(defer_build=True)
 
     tensor_model_parallel_size: int = Field(
         default=1,
@@ -491,7 +494,7 @@ class MegatronFields(BaseModel):
         description="True is rotate pairs of even and odd dimensions (RoFormer style), False is rotate pairs of first half and second half (LLaMa style). Default to False.",
         json_schema_extra={"x-group": "attention", "x-level": "advanced"},
     )
-    window_size: tuple[int, int] | None = Field(
+    window_size: Annotated[tuple[int, int], Strict(False)] | None = Field(
         default=None,
         description='If not None, then will use sliding window attention. The size of the window is specified by the numbers inside the tuple; -1 is special value meaning "infinite window size".',
         json_schema_extra={"x-group": "attention", "x-level": "advanced"},

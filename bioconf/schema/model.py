@@ -12,12 +12,10 @@ submit time what megatron would raise on a GPU node:
 Instances are frozen values: derive new ones with ``with_overrides``.
 """
 
-from __future__ import annotations
-
 import difflib
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import orjson
 from pydantic import ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
@@ -75,7 +73,7 @@ class ModelConfig(MegatronFields):
         strict=True,
         frozen=True,
         title="bioconf ModelConfig",
-        use_attribute_docstrings=False,
+        defer_build=False,
     )
 
     model_cls: ModelClass = Field(
@@ -95,6 +93,38 @@ class ModelConfig(MegatronFields):
         description="Maximum sequence length (position embeddings, rotary tables). Needed to build a "
         "model; may come from the starting checkpoint.",
         json_schema_extra={"x-group": "architecture", "x-level": "basic"},
+    )
+    # Constructor arguments of megatron's GPTModel/BertModel, named as NeMo's and BioNeMo's
+    # configs name them, so checkpoints written by those map onto these fields.
+    position_embedding_type: Literal["learned_absolute", "rope", "none"] = Field(
+        default="learned_absolute",
+        description="Position embedding: learned absolute positions, rotary (rope), or none.",
+        json_schema_extra={"x-group": "architecture", "x-level": "basic"},
+    )
+    rotary_percent: float = Field(
+        default=1.0,
+        description="Fraction of each attention head's dimensions that rotary embeddings rotate.",
+        json_schema_extra={"x-group": "attention", "x-level": "advanced"},
+    )
+    rotary_base: int = Field(
+        default=10000,
+        description="Base period of the rotary embedding frequencies.",
+        json_schema_extra={"x-group": "attention", "x-level": "advanced"},
+    )
+    share_embeddings_and_output_weights: bool = Field(
+        default=False,
+        description="Tie the output layer's weights to the input embedding.",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    num_tokentypes: int = Field(
+        default=0,
+        description="BERT only: number of token types (segment embeddings); 0 disables them.",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    add_binary_head: bool = Field(
+        default=True,
+        description="BERT only: add the next-sentence-prediction (binary) head.",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
     )
     initial_ckpt_path: str | None = Field(
         default=None,
@@ -153,7 +183,7 @@ class ModelConfig(MegatronFields):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _check(cls, data: Any, handler: Any) -> ModelConfig:
+    def _check(cls, data: Any, handler: Any) -> "ModelConfig":
         """Field validation, then megatron's cross-field rules; errors carry field locations."""
         try:
             config = handler(data)
@@ -198,12 +228,12 @@ class ModelConfig(MegatronFields):
         """The fields that were set explicitly (not left to their default), in schema form."""
         return {name: getattr(self, name) for name in self.model_fields_set}
 
-    def with_overrides(self, *overrides: str | Mapping[str, Any]) -> ModelConfig:
+    def with_overrides(self, *overrides: str | Mapping[str, Any]) -> "ModelConfig":
         """A new config with ``"key=value"`` / ``"key+=[...]"`` strings or mappings applied on top of
         this one, validated as a whole; an invalid result raises ``OverrideError``."""
-        from bioconf.schema.overrides import apply_overrides
+        from bioconf.schema.overrides import validate_with_overrides
 
-        return apply_overrides(self, overrides)
+        return validate_with_overrides(self.explicit_fields(), overrides)
 
     def __repr_args__(self) -> Iterable[tuple[str, Any]]:
         # 240 fields is a wall: show only what was set.
@@ -215,7 +245,7 @@ def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _with_suggestions(error: ValidationError, model: type[ModelConfig]) -> ValidationError:
+def _with_suggestions(error: ValidationError, model: type["ModelConfig"]) -> ValidationError:
     """Rewrite pydantic's "extra inputs are not permitted" as "unknown field ...; did you mean".
 
     Re-raising needs every error as a custom error: pydantic only rebuilds its own types from a
@@ -225,8 +255,13 @@ def _with_suggestions(error: ValidationError, model: type[ModelConfig]) -> Valid
     for item in error.errors(include_url=False):
         if item["type"] == "extra_forbidden":
             name = str(item["loc"][-1])
-            kind, message = "unknown_field", f"unknown field {name!r}{_did_you_mean(name, model.model_fields)}"
+            kind, message = (
+                "unknown_field",
+                f"unknown field {name!r}{_did_you_mean(name, model.model_fields)}",
+            )
         else:
             kind, message = item["type"], item["msg"]
-        details.append(InitErrorDetails(type=PydanticCustomError(kind, message), loc=item["loc"], input=item["input"]))
+        details.append(
+            InitErrorDetails(type=PydanticCustomError(kind, message), loc=item["loc"], input=item["input"])
+        )
     return ValidationError.from_exception_data(error.title, details)

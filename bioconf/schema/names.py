@@ -38,7 +38,10 @@ def canonical_dtype(value: object) -> object:
     raise PydanticCustomError(
         "dtype",
         "unknown dtype {value}; expected one of {expected}",
-        {"value": repr(value), "expected": ", ".join(DTYPE_NAMES) + " (or fp32, fp16, bf16, torch.bfloat16, ...)"},
+        {
+            "value": repr(value),
+            "expected": ", ".join(DTYPE_NAMES) + " (or fp32, fp16, bf16, torch.bfloat16, ...)",
+        },
     )
 
 

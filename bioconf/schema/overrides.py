@@ -1,4 +1,4 @@
-"""Dotted overrides for pipelines and the CLI: ``hidden_size=512``, ``override_parent_fields+=["seq_length"]``.
+"""Overrides for pipelines and the CLI: ``hidden_size=512``, ``override_parent_fields+=["seq_length"]``.
 
 A value is read as JSON when it parses (``512``, ``true``, ``null``, ``[1, 2]``, ``"3"``) and as a
 plain string otherwise (``bf16``, ``bert``). ``+=`` appends to a list field (a list value extends
@@ -9,7 +9,8 @@ override that caused it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,51 +36,64 @@ def parse_value(text: str) -> Any:
         return text.strip()
 
 
-def apply_overrides(config: ModelConfig, overrides: Iterable[str | Mapping[str, Any]]) -> ModelConfig:
-    """A new config: ``config``'s explicit fields, then each override in order, validated as a whole."""
-    data = config.explicit_fields()
-    origin: dict[str, str] = {}  # field -> the override text that last set it
+def merge_overrides(
+    data: Mapping[str, Any], overrides: Iterable[str | Mapping[str, Any]]
+) -> tuple[dict, dict]:
+    """``data`` with each override applied in order, and which override last set each key."""
+    from bioconf.schema.model import ModelConfig
+
+    merged = dict(data)
+    origin: dict[str, str] = {}
     for override in overrides:
         if isinstance(override, Mapping):
             for key, value in override.items():
-                data[key] = value
+                merged[key] = value
                 origin[key] = f"{key}={value!r}"
             continue
         match = _OVERRIDE.match(override)
         if match is None:
-            raise OverrideError(
-                [ConfigIssue("expected KEY=VALUE or KEY+=VALUE", "override_syntax", input=override,
-                             source=f"--set {override}")]
-            )
+            raise OverrideError([_syntax_issue(override, "expected KEY=VALUE or KEY+=VALUE")])
         key, op, value = match["key"], match["op"], parse_value(match["value"])
         if "." in key:
             raise OverrideError(
-                [ConfigIssue(f"{key!r}: ModelConfig is flat; nested keys are not supported", "override_syntax",
-                             loc=(key,), input=override, source=f"--set {override}")]
+                [_syntax_issue(override, f"{key!r}: the config is flat; nested keys are not supported")]
             )
         if op == "+=":
-            current = data.get(key, getattr(config, key, None))
+            field = ModelConfig.model_fields.get(key)
+            current = merged[key] if key in merged else field and field.get_default(call_default_factory=True)
             if current is not None and not isinstance(current, (list, tuple)):
                 raise OverrideError(
-                    [ConfigIssue(f"+= needs a list field; {key} holds {type(current).__name__}",
-                                 "override_syntax", loc=(key,), input=override, source=f"--set {override}")]
+                    [_syntax_issue(override, f"+= needs a list field; {key} holds {type(current).__name__}")]
                 )
             value = [*(current or ()), *(value if isinstance(value, list) else [value])]
-        data[key] = value
+        merged[key] = value
         origin[key] = override
+    return merged, origin
+
+
+def validate_with_overrides(
+    data: Mapping[str, Any],
+    overrides: Iterable[str | Mapping[str, Any]] = (),
+    source: str | None = None,
+    line_of: Callable[[str], int | None] | None = None,
+) -> ModelConfig:
+    """Apply the overrides to ``data`` and validate the result as a whole. Each error is attributed to
+    the override that set its field, else to ``source`` (and its line)."""
+    from bioconf.schema.model import ModelConfig
+
+    merged, origin = merge_overrides(data, overrides)
     try:
-        return type(config).model_validate(data)
+        return ModelConfig.model_validate(merged)
     except ValidationError as error:
-        issues = issues_from_validation(error)
-        raise OverrideError(
-            [
-                ConfigIssue(
-                    issue.message,
-                    issue.type,
-                    issue.loc,
-                    issue.input,
-                    source=f"--set {origin[str(issue.loc[0])]}" if issue.loc and str(issue.loc[0]) in origin else None,
-                )
-                for issue in issues
-            ]
-        ) from None
+        issues = []
+        for issue in issues_from_validation(error, source, line_of):
+            key = str(issue.loc[0]) if issue.loc else ""
+            if key in origin:
+                issue = replace(issue, source=f"--set {origin[key]}", line=None)
+            issues.append(issue)
+        blamed_override = any(issue.source and issue.source.startswith("--set ") for issue in issues)
+        raise (OverrideError if blamed_override else ConfigError)(issues) from None
+
+
+def _syntax_issue(override: str, message: str) -> ConfigIssue:
+    return ConfigIssue(message, "override_syntax", input=override, source=f"--set {override}")

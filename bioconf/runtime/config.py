@@ -1,0 +1,77 @@
+"""The Megatron dataclass configs that bioconf materializes, drop-in for BioNeMo's
+``bionemo.llm.model.config`` classes.
+
+Each is a megatron-core ``TransformerConfig`` whose explicit init arguments are tracked in
+``__io__`` (``IOMixinWithGettersSetters``), so NeMo 2 can serialize and ``reinit`` it. Every
+field has a default: a subclass is built from ``num_layers``, ``hidden_size`` and
+``num_attention_heads`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron.core.models.bert.bert_model import BertModel
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from bioconf.runtime.hparams import IOMixinWithGettersSetters, WillHaveGetSetHparam
+from bioconf.schema.model import OVERRIDE_BIONEMO_CONFIG_DEFAULTS
+
+
+@dataclass
+class MegatronBioNeMoModelConfig(TransformerConfig, WillHaveGetSetHparam):
+    """A TransformerConfig that knows which model it builds and the shapes it needs."""
+
+    model_cls: type | None = None
+    """The model class to build; None means the class's family default (GPTModel, BertModel)."""
+    vocab_size: int | None = None
+    """Vocabulary size of the embedding and output layers."""
+    seq_length: int | None = None
+    """Maximum sequence length."""
+    position_embedding_type: Literal["learned_absolute", "rope", "none"] = "learned_absolute"
+    """Position embedding: learned absolute positions, rotary (rope), or none."""
+    rotary_percent: float = 1.0
+    """Fraction of each attention head's dimensions that rotary embeddings rotate."""
+    rotary_base: int = 10000
+    """Base period of the rotary embedding frequencies."""
+    share_embeddings_and_output_weights: bool = False
+    """Tie the output layer's weights to the input embedding."""
+
+
+@dataclass
+class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
+    """A model config that may start from a NeMo 2 checkpoint (settings, then weights)."""
+
+    initial_ckpt_path: str | None = None
+    """Checkpoint directory to start from."""
+    initial_ckpt_skip_keys_with_these_prefixes: list[str] = field(default_factory=list)
+    """Model state-dict key prefixes whose weights are not loaded from the checkpoint."""
+    initial_ckpt_path_ignore_weights: bool = False
+    """Load only the settings from initial_ckpt_path, not its weights."""
+    override_parent_fields: list[str] = field(default_factory=lambda: list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS))
+    """Fields whose value here is kept when settings are loaded from the checkpoint."""
+
+
+@dataclass
+class GPTModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSetters):
+    """Builds megatron-core's ``GPTModel`` (decoder-only)."""
+
+    model_cls: type | None = GPTModel
+
+
+@dataclass
+class BertModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSetters):
+    """Builds megatron-core's ``BertModel`` (encoder, e.g. ESM-2-style protein language models)."""
+
+    model_cls: type | None = BertModel
+    num_tokentypes: int = 0
+    """Number of token types (segment embeddings); 0 disables them."""
+    add_binary_head: bool = True
+    """Add the next-sentence-prediction (binary) head."""
+
+
+@dataclass
+class CustomModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSetters):
+    """Builds a user model class named by ``model_cls``."""

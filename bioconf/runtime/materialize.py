@@ -1,0 +1,57 @@
+"""Schema -> runtime: turn a validated ``ModelConfig`` into the Megatron dataclass config.
+
+Names become objects here (dtype names -> ``torch.dtype``, activation names -> functions, enum
+names -> members, ``model_cls`` import paths -> classes); this is the only place bioconf imports
+a class that a config names.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from megatron.core.transformer.enums import AttnBackend
+
+from bioconf.schema.megatron_fields import MegatronFields
+from bioconf.schema.model import ModelConfig
+from bioconf.schema.names import ACTIVATIONS
+
+_DTYPE_FIELDS = frozenset({"params_dtype", "pipeline_dtype", "autocast_dtype"})
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module:Qualname"`` (or ``"package.module.name"``)."""
+    module_name, sep, qualname = path.partition(":")
+    if not sep:
+        module_name, _, qualname = path.rpartition(".")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_megatron_value(name: str, value: Any) -> Any:
+    """The value megatron expects for field ``name`` given its schema form."""
+    if value is None:
+        return None
+    if name in _DTYPE_FIELDS:
+        return getattr(torch, value)
+    if name == "activation_func":
+        module, attribute = ACTIVATIONS[value]
+        return getattr(importlib.import_module(module), attribute)
+    if name == "attention_backend":
+        return AttnBackend[value]
+    if isinstance(value, list):
+        return list(value)  # a fresh list: megatron may mutate it
+    return value
+
+
+def to_megatron_kwargs(
+    config: ModelConfig, *, only_megatron_fields: bool = False, explicit_only: bool = True
+) -> dict[str, Any]:
+    """Constructor arguments for the runtime config: the explicit fields (or all), in megatron form."""
+    names = config.model_fields_set if explicit_only else ModelConfig.model_fields.keys()
+    if only_megatron_fields:
+        names = [n for n in names if n in MegatronFields.model_fields]
+    return {name: to_megatron_value(name, getattr(config, name)) for name in names}

@@ -1,0 +1,638 @@
+"""The NeMo 2 checkpoint form of a ``ModelConfig``: ``<ckpt>/context/io.json``, read and written as data.
+
+A NeMo 2 checkpoint keeps its settings in ``context/io.json``: a ``TrainerContext`` serialized by
+fiddle's JSON serialization. NeMo reads it back with ``nemo.lightning.io.load_context``, which
+imports every class the file names (seconds of imports, and any module a file chooses to name)
+and runs the config's ``__post_init__``. Here the file is walked as plain JSON instead: nothing
+it names is imported or unpickled, so a pipeline reads a checkpoint's model config in
+milliseconds with pydantic, orjson and PyYAML only (no torch, fiddle, megatron or nemo).
+
+The format (fiddle 0.3.1, ``fiddle/_src/experimental/serialization.py``), as far as it matters here:
+
+- The document is ``{"root": REF, "objects": {KEY: NODE}, "refcounts": {KEY: N}, "version": "0.0.1"}``.
+- A value is a JSON scalar (inside metadata), ``{"type": "leaf", "value": V}``,
+  ``{"type": "ref", "key": KEY}`` (an entry of ``objects``), ``{"type": "pyref", "module": M,
+  "name": N}`` (an importable object: ``torch.bfloat16``, ``torch.nn.functional.silu``, a class;
+  an enum member is a pyref whose name is ``"EnumClass.member"``), or an object node
+  ``{"type": PYREF, "items": [[PATH_ELEMENT, VALUE], ...], "metadata": VALUE}``. Values reached
+  from the root also carry ``"paths": ["<root>.model.config.num_layers", ...]``.
+- Object nodes: ``builtins.list``/``builtins.tuple`` (items by ``Index(index=i)``, metadata null),
+  ``builtins.dict`` (items by ``Key(key=...)``, metadata the tuple of keys), and fiddle's
+  ``Config``/``Partial`` (items by ``Attr(name=...)``: only the init arguments that were passed
+  explicitly; metadata a ``BuildableTraverserMetadata`` whose ``fn_or_cls`` names the class).
+  NeMo's IOMixin objects flatten to the same items and metadata under their own type.
+
+The model config is the object whose ``paths`` include ``"<root>.model.config"``, which is also how
+``load_context(..., subpath="model.config")`` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import typing
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import yaml
+from pydantic import ValidationError
+from pydantic_core import PydanticCustomError
+
+from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError, issues_from_validation
+from bioconf.schema.model import ModelConfig
+from bioconf.schema.names import ACTIVATIONS, activation_from_import, canonical_dtype
+
+# ---- names the checkpoint form uses ---------------------------------------------------------------
+
+# The bioconf runtime config class (module, class) written for each kind of ``model_cls``: the two
+# megatron aliases, and "custom" for an import path "pkg.mod:Class" (written as a pyref in model_cls).
+RUNTIME_CONFIG_CLASSES: Final[dict[str, tuple[str, str]]] = {
+    "gpt": ("bioconf.runtime.config", "GPTModelConfig"),
+    "bert": ("bioconf.runtime.config", "BertModelConfig"),
+    "custom": ("bioconf.runtime.config", "CustomModelConfig"),
+}
+
+# The megatron model class behind each model_cls alias.
+MODEL_CLASSES: Final[dict[str, tuple[str, str]]] = {
+    "gpt": ("megatron.core.models.gpt.gpt_model", "GPTModel"),
+    "bert": ("megatron.core.models.bert.bert_model", "BertModel"),
+}
+
+# Fields megatron holds as enum members (the schema holds the member name).
+ENUM_FIELDS: Final[dict[str, tuple[str, str]]] = {
+    "attention_backend": ("megatron.core.transformer.enums", "AttnBackend"),
+}
+
+MODEL_CONFIG_PATH: Final[str] = "<root>.model.config"
+"""The fiddle path of the model config in a ``TrainerContext``."""
+
+# The rest of the TrainerContext a written context holds: NeMo's TrainerContext and Trainer, and a
+# namespace standing in for the LightningModule (the file records only its ``config``).
+_TRAINER_CONTEXT: Final = ("nemo.lightning.io.pl", "TrainerContext")
+_TRAINER: Final = ("nemo.lightning.pytorch.trainer", "Trainer")
+_MODEL_HOLDER: Final = ("argparse", "Namespace")
+
+_FIDDLE_VERSION: Final = "0.0.1"
+_CONFIG: Final = ("fiddle._src.config", "Config")
+_PARTIAL_TYPES: Final = frozenset({"fiddle._src.partial:Partial", "fiddle._src.partial:ArgFactory"})
+_METADATA: Final = ("fiddle._src.config", "BuildableTraverserMetadata")
+_SEQUENCES: Final = frozenset({"builtins:list", "builtins:tuple", "builtins:set", "builtins:frozenset"})
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[^_A-Z])(?=[A-Z])", "_", name).lower()
+
+
+def _annotation_mentions(annotation: Any, predicate: Any) -> bool:
+    if predicate(annotation):
+        return True
+    return any(_annotation_mentions(arg, predicate) for arg in typing.get_args(annotation))
+
+
+def _validated_by(info: Any, func: Any) -> bool:
+    """Whether a field's annotation carries a BeforeValidator calling ``func`` (DType, Activation)."""
+    found = [getattr(m, "func", None) is func for m in info.metadata]
+    return any(found) or _annotation_mentions(
+        info.annotation,
+        lambda a: any(getattr(m, "func", None) is func for m in getattr(a, "__metadata__", ())),
+    )
+
+
+_DTYPE_FIELDS: Final[frozenset[str]] = frozenset(
+    name for name, info in ModelConfig.model_fields.items() if _validated_by(info, canonical_dtype)
+)
+# Strict validation takes only a tuple for a tuple field; the file's containers are read as lists.
+_TUPLE_FIELDS: Final[frozenset[str]] = frozenset(
+    name
+    for name, info in ModelConfig.model_fields.items()
+    if _annotation_mentions(info.annotation, lambda a: a is tuple or typing.get_origin(a) is tuple)
+)
+
+
+def _class_path(module_and_name: tuple[str, str]) -> str:
+    return f"{module_and_name[0]}:{module_and_name[1]}"
+
+
+def runtime_class_paths() -> frozenset[str]:
+    """``"module:Class"`` of every bioconf runtime config class."""
+    return frozenset(_class_path(v) for v in RUNTIME_CONFIG_CLASSES.values())
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """The model config of a NeMo 2 checkpoint, as data."""
+
+    path: Path
+    """The ``io.json`` read."""
+    class_path: str
+    """The config class the file names, ``"module:Qualname"``."""
+    config: ModelConfig
+    """Built from the known fields the file sets (``model_fields_set`` is exactly those)."""
+    unknown_fields: dict[str, Any]
+    """Fields ModelConfig does not know (NO_JSON_FORM ones included), as data: pyrefs as
+    ``"module:name"``, fiddle configs as ``{"_target_": "module:name", **arguments}``."""
+    class_is_bioconf: bool
+    """True when ``class_path`` is a bioconf runtime class, whose defaults are ModelConfig's. False
+    means the values the file leaves to the class's own defaults are unknown without importing it."""
+
+
+@dataclass(frozen=True)
+class _Pyref:
+    module: str
+    name: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.module}:{self.name}"
+
+
+@dataclass(frozen=True)
+class _Metadata:
+    fn_or_cls: Any
+    argument_names: list[Any]
+
+
+@dataclass(frozen=True)
+class _Buildable:
+    target: Any  # a _Pyref, normally
+    arguments: dict[Any, Any]
+    partial: bool
+
+
+@dataclass(frozen=True)
+class _Object:
+    type: _Pyref
+    items: list[tuple[str, Any]]
+
+
+class _Malformed(Exception):
+    """The document is JSON but not fiddle's serialization (reported with the field at hand)."""
+
+
+class _Decoder:
+    """One pass over the nodes reachable from the model config: refs resolved (each once), pyrefs
+    kept as names, containers and fiddle configs turned into plain Python data."""
+
+    def __init__(self, objects: dict[str, Any]):
+        self.objects = objects
+        self.done: dict[str, Any] = {}
+        self.active: set[str] = set()
+
+    def value(self, node: Any) -> Any:
+        if isinstance(node, list):
+            return [self.value(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        kind = node.get("type")
+        if kind == "leaf":
+            if "value" not in node:
+                raise _Malformed("a leaf node without a value")
+            return node["value"]
+        if kind == "ref":
+            return self.ref(node.get("key"))
+        if kind == "pyref":
+            return self.pyref(node)
+        if isinstance(kind, dict):
+            return self.object(node)
+        raise _Malformed(f"a node of unknown type {kind!r}")
+
+    def ref(self, key: Any) -> Any:
+        if key in self.done:
+            return self.done[key]
+        if not isinstance(key, str) or key not in self.objects:
+            raise _Malformed(f"a reference to a missing object {key!r}")
+        if key in self.active:
+            raise _Malformed(f"object {key!r} contains itself")
+        self.active.add(key)
+        result = self.value(self.objects[key])
+        self.active.discard(key)
+        self.done[key] = result
+        return result
+
+    @staticmethod
+    def pyref(node: dict[str, Any]) -> _Pyref:
+        module, name = node.get("module"), node.get("name")
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise _Malformed("a pyref without a module and a name")
+        return _Pyref(module, name)
+
+    def object(self, node: dict[str, Any]) -> Any:
+        kind = self.pyref(node["type"])
+        items = node.get("items")
+        if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
+            raise _Malformed(f"a {kind.path} node without a list of [path, value] items")
+        values = [self.value(value) for _, value in items]
+        if kind.path in _SEQUENCES:
+            return values
+        metadata = self.value(node.get("metadata"))
+        if kind.path == "builtins:dict":
+            keys = metadata if isinstance(metadata, list) else []
+            if len(keys) != len(values):
+                raise _Malformed("a dict node whose keys do not match its items")
+            return dict(zip(keys, values))
+        if kind == _Pyref(*_METADATA):
+            fields = dict(zip((str(path) for path, _ in items), values))
+            names = fields.get("Attr(name='argument_names')")
+            return _Metadata(fields.get("Attr(name='fn_or_cls')"), names if isinstance(names, list) else [])
+        if isinstance(metadata, _Metadata):
+            # fiddle's Config/Partial, or a NeMo IOMixin object flattened from its __io__.
+            if len(metadata.argument_names) != len(values):
+                raise _Malformed(f"a {kind.path} node whose argument names do not match its items")
+            return _Buildable(
+                metadata.fn_or_cls, dict(zip(metadata.argument_names, values)), kind.path in _PARTIAL_TYPES
+            )
+        return _Object(kind, [(str(path), value) for (path, _), value in zip(items, values)])
+
+
+def _as_data(value: Any) -> Any:
+    """An unknown field's value as JSON-like data."""
+    if isinstance(value, _Pyref):
+        return value.path
+    if isinstance(value, list):
+        return [_as_data(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_data(v) for k, v in value.items()}
+    if isinstance(value, _Buildable):
+        out: dict[Any, Any] = {"_target_": _as_data(value.target)}
+        if value.partial:
+            out["_partial_"] = True
+        out.update((k, _as_data(v)) for k, v in value.arguments.items())
+        return out
+    if isinstance(value, _Object):
+        return {"_type_": value.type.path, "items": {path: _as_data(v) for path, v in value.items}}
+    if isinstance(value, _Metadata):
+        return _as_data(value.fn_or_cls)
+    return value
+
+
+def _known_value(name: str, value: Any, class_path: str) -> Any:
+    """A known field's value in schema form; what cannot be converted is left for ModelConfig to
+    reject with its own message."""
+    if isinstance(value, list):
+        return [_known_value(name, v, class_path) for v in value]
+    if name == "model_cls":
+        return _model_cls_name(value, class_path)
+    if not isinstance(value, _Pyref):
+        return _as_data(value)
+    if name == "activation_func":
+        return activation_from_import(value.module, value.name) or f"{value.module}.{value.name}"
+    if value.module == "torch":
+        try:
+            return canonical_dtype(f"torch.{value.name}")
+        except PydanticCustomError:
+            return f"torch.{value.name}"
+    enum_class, dot, member = value.name.rpartition(".")
+    if dot and enum_class[:1].isupper():  # an enum member: "AttnBackend.local"
+        return member
+    return value.path
+
+
+def _model_cls_name(value: Any, class_path: str) -> Any:
+    """megatron's GPTModel/BertModel by alias, except in bioconf's CustomModelConfig (which always
+    holds an import path); a class the runtime class leaves to its family default (None) too."""
+    custom = class_path == _class_path(RUNTIME_CONFIG_CLASSES["custom"])
+    if isinstance(value, _Pyref):
+        if not custom:
+            for alias, target in MODEL_CLASSES.items():
+                if (value.module, value.name) == target:
+                    return alias
+        return value.path
+    if value is None:
+        for alias in MODEL_CLASSES:
+            if class_path == _class_path(RUNTIME_CONFIG_CLASSES[alias]):
+                return alias
+    return _as_data(value)
+
+
+def _find_io_json(ckpt_dir: str | os.PathLike[str]) -> Path:
+    """``<ckpt>/context/io.json``; a context folder or the io.json itself are also accepted."""
+    given = Path(ckpt_dir)
+    for candidate in (given / "context" / "io.json", given / "io.json"):
+        if candidate.is_file():
+            return candidate
+    if given.is_file():
+        return given
+    expected = given / "context" / "io.json"
+    why = "no such folder" if not given.exists() else "no context/io.json in it"
+    raise ConfigReadError(
+        [
+            ConfigIssue(
+                f"not a NeMo 2 checkpoint: expected its settings in {expected} ({why})",
+                "missing_context",
+                source=str(given),
+            )
+        ]
+    )
+
+
+def _parse(raw: bytes, source: str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        try:  # fiddle writes with json.dumps, which spells non-finite floats NaN / Infinity
+            return json.loads(raw)
+        except ValueError:
+            pass
+        line = raw.count(b"\n", 0, error.pos) + 1
+        raise ConfigReadError(
+            [ConfigIssue(f"invalid JSON: {error.msg}", "json_invalid", source=source, line=line)]
+        ) from None
+
+
+def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig:
+    """The model config of the NeMo 2 checkpoint at ``ckpt_dir`` (its ``context/io.json``), read as
+    data: nothing the file names is imported. Raises ConfigReadError when the file is missing or
+    not a fiddle serialization with a model config, ConfigError when ModelConfig rejects a value."""
+    path = _find_io_json(ckpt_dir)
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigReadError(
+            [ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)]
+        ) from None
+    document = _parse(raw, source)
+    objects = document.get("objects") if isinstance(document, dict) else None
+    if not isinstance(objects, dict):
+        raise ConfigReadError(
+            [
+                ConfigIssue(
+                    "not a fiddle serialization: expected a JSON object with 'root' and 'objects'",
+                    "not_fiddle",
+                    source=source,
+                )
+            ]
+        )
+    key = next(
+        (
+            k
+            for k, node in objects.items()
+            if isinstance(node, dict)
+            and isinstance(node.get("paths"), list)
+            and MODEL_CONFIG_PATH in node["paths"]
+        ),
+        None,
+    )
+    if key is None:
+        raise ConfigReadError(
+            [
+                ConfigIssue(
+                    f"no model config: no object in the file has the path {MODEL_CONFIG_PATH!r} "
+                    "(a NeMo 2 TrainerContext's model.config)",
+                    "missing_model_config",
+                    loc=("model", "config"),
+                    source=source,
+                )
+            ]
+        )
+    decoder = _Decoder(objects)
+    try:
+        node = decoder.ref(key)
+    except (_Malformed, KeyError, TypeError, AttributeError) as error:
+        raise _malformed(error, ("model", "config"), source) from None
+    if not isinstance(node, _Buildable) or not isinstance(node.target, _Pyref):
+        raise ConfigReadError(
+            [
+                ConfigIssue(
+                    f"the object at {MODEL_CONFIG_PATH!r} is not a config of a named class",
+                    "not_a_config",
+                    loc=("model", "config"),
+                    source=source,
+                )
+            ]
+        )
+    class_path = node.target.path
+    known: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    for name, value in node.arguments.items():
+        if name in ModelConfig.model_fields:
+            converted = _known_value(name, value, class_path)
+            known[name] = tuple(converted) if name in _TUPLE_FIELDS and isinstance(converted, list) else converted
+        else:
+            unknown[str(name)] = _as_data(value)
+    try:
+        config = ModelConfig.model_validate(known)
+    except ValidationError as error:
+        raise ConfigError(issues_from_validation(error, source)) from None
+    return CheckpointConfig(
+        path=path,
+        class_path=class_path,
+        config=config,
+        unknown_fields=unknown,
+        class_is_bioconf=class_path in runtime_class_paths(),
+    )
+
+
+def _malformed(error: Exception, loc: tuple[str, ...], source: str) -> ConfigReadError:
+    detail = str(error) if isinstance(error, _Malformed) else f"{type(error).__name__}: {error}"
+    return ConfigReadError(
+        [ConfigIssue(f"not a fiddle serialization of a config: {detail}", "not_fiddle", loc=loc, source=source)]
+    )
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Builds fiddle's document the way fiddle's serializer lays it out: children before their
+    parent in ``objects``, containers and configs memoized under ``<snake_type>_<n>``, values
+    reachable from the root carrying their paths, metadata without."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self.refcounts: dict[str, int] = {}
+
+    def memo(self, hint: str, node: dict[str, Any]) -> dict[str, Any]:
+        n = 1
+        while f"{hint}_{n}" in self.objects:
+            n += 1
+        key = f"{hint}_{n}"
+        self.objects[key] = node
+        self.refcounts[key] = 1
+        return {"type": "ref", "key": key}
+
+    @staticmethod
+    def pyref(target: tuple[str, str], path: str | None = None) -> dict[str, Any]:
+        node: dict[str, Any] = {"type": "pyref", "module": target[0], "name": target[1]}
+        if path is not None:
+            node["paths"] = [path]
+        return node
+
+    def value(self, value: Any, path: str) -> dict[str, Any]:
+        """A plain value (scalar, list, tuple) at ``path``."""
+        if isinstance(value, (list, tuple)):
+            kind = "tuple" if isinstance(value, tuple) else "list"
+            items = [[f"Index(index={i})", self.value(v, f"{path}[{i}]")] for i, v in enumerate(value)]
+            node = {"type": self.pyref(("builtins", kind)), "items": items, "metadata": None, "paths": [path]}
+            return node if value == () else self.memo(kind, node)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"type": "leaf", "value": value, "paths": [path]}
+        raise TypeError(f"{path}: no fiddle form for {value!r}")
+
+    def metadata_tuple(self, values: list[Any]) -> dict[str, Any]:
+        node = {
+            "type": self.pyref(("builtins", "tuple")),
+            "items": [[f"Index(index={i})", v] for i, v in enumerate(values)],
+            "metadata": None,
+        }
+        return self.memo("tuple", node) if values else node
+
+    def empty_dict(self) -> dict[str, Any]:
+        node = {"type": self.pyref(("builtins", "dict")), "items": [], "metadata": self.metadata_tuple([])}
+        return self.memo("dict", node)
+
+    def config(self, target: tuple[str, str], arguments: list[tuple[str, Any]], path: str) -> dict[str, Any]:
+        """A ``fdl.Config(target, **arguments)``; ``arguments`` hold already-built value nodes."""
+        items = [[f"Attr(name={name!r})", node] for name, node in arguments]
+        metadata = self.memo(
+            "buildable_traverser_metadata",
+            {
+                "type": self.pyref(_METADATA),
+                "items": [
+                    ["Attr(name='fn_or_cls')", self.pyref(target)],
+                    ["Attr(name='argument_names')", self.metadata_tuple([name for name, _ in arguments])],
+                    ["Attr(name='argument_tags')", self.empty_dict()],
+                    ["Attr(name='argument_history')", self.empty_dict()],
+                ],
+                "metadata": self.pyref(_METADATA),
+            },
+        )
+        node = {"type": self.pyref(_CONFIG), "items": items, "metadata": metadata, "paths": [path]}
+        return self.memo(_snake(target[1].rpartition(".")[2]), node)
+
+
+def _written_fields(config: ModelConfig) -> list[str]:
+    """The explicit fields plus every field whose value differs from its default, in schema order."""
+    explicit = config.model_fields_set
+    return [
+        name
+        for name, info in ModelConfig.model_fields.items()
+        if name in explicit or getattr(config, name) != info.get_default(call_default_factory=True)
+    ]
+
+
+def _runtime_target(model_cls: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(runtime config class, model class) for a ``model_cls`` value."""
+    if model_cls in MODEL_CLASSES:
+        return RUNTIME_CONFIG_CLASSES[model_cls], MODEL_CLASSES[model_cls]
+    module, _, name = model_cls.partition(":")
+    return RUNTIME_CONFIG_CLASSES["custom"], (module, name)
+
+
+def checkpoint_context_document(config: ModelConfig) -> dict[str, Any]:
+    """The ``io.json`` document of ``config``: a TrainerContext whose ``model.config`` is a fiddle
+    Config of the bioconf runtime class for ``config.model_cls`` (RUNTIME_CONFIG_CLASSES)."""
+    writer = _Writer()
+    config_class, model_class = _runtime_target(config.model_cls)
+    arguments: list[tuple[str, Any]] = []
+    for name in _written_fields(config):
+        value = getattr(config, name)
+        path = f"{MODEL_CONFIG_PATH}.{name}"
+        if name == "model_cls":
+            node = writer.pyref(model_class, path)
+        elif name in _DTYPE_FIELDS and value is not None:
+            node = writer.pyref(("torch", value), path)
+        elif name == "activation_func":
+            node = writer.pyref(ACTIVATIONS[value], path)
+        elif name in ENUM_FIELDS:
+            module, enum_class = ENUM_FIELDS[name]
+            node = writer.pyref((module, f"{enum_class}.{value}"), path)
+        else:
+            node = writer.value(value, path)
+        arguments.append((name, node))
+    if config_class == RUNTIME_CONFIG_CLASSES["custom"] and "model_cls" not in dict(arguments):
+        arguments.append(("model_cls", writer.pyref(model_class, f"{MODEL_CONFIG_PATH}.model_cls")))
+    model_config = writer.config(config_class, arguments, MODEL_CONFIG_PATH)
+    model = writer.config(_MODEL_HOLDER, [("config", model_config)], "<root>.model")
+    trainer = writer.config(_TRAINER, [], "<root>.trainer")
+    extra = writer.empty_dict()
+    writer.objects[extra["key"]]["paths"] = ["<root>.extra"]
+    root = writer.config(_TRAINER_CONTEXT, [("model", model), ("trainer", trainer), ("extra", extra)], "<root>")
+    return {"root": root, "objects": writer.objects, "refcounts": writer.refcounts, "version": _FIDDLE_VERSION}
+
+
+def _model_yaml(config: ModelConfig, class_path: str) -> bytes:
+    data = config.to_dict()
+    written = {name: data[name] for name in sorted(_written_fields(config))}
+    header = (
+        "# The model config of this checkpoint, for people (bioconf schema form; fields not listed\n"
+        f"# have their defaults). Loaders read io.json, where it is a {class_path}.\n"
+    )
+    return (header + yaml.safe_dump(written, sort_keys=False)).encode()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint_context(
+    config: ModelConfig, ckpt_dir: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``<ckpt_dir>/context/`` (``io.json`` for NeMo's ``load_context`` plus a readable
+    ``model.yaml``) and return the io.json path.
+
+    The folder is built whole in a temporary folder beside it and renamed into place, so no
+    reader ever sees a half-written context. An existing ``context/`` is an error unless
+    ``overwrite``: then the old folder is renamed aside, the new one renamed in, and the old one
+    deleted (a reader sees the old context, for an instant none, or the new one; never a mix; if
+    the second rename fails the old one is put back).
+    """
+    ckpt = Path(ckpt_dir)
+    context = ckpt / "context"
+    if context.exists() and not overwrite:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    "a checkpoint context already exists here; pass overwrite=True to replace it",
+                    "context_exists",
+                    source=str(context),
+                )
+            ]
+        )
+    document = checkpoint_context_document(config)
+    # json.dumps as fiddle does (NaN / Infinity spelled as Python's json module spells them).
+    io_json = json.dumps(document).encode()
+    class_path = _class_path(_runtime_target(config.model_cls)[0])
+    ckpt.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".context.", suffix=".tmp", dir=ckpt))
+    try:
+        _write_synced(staging / "io.json", io_json)
+        _write_synced(staging / "model.yaml", _model_yaml(config, class_path))
+        _sync_dir(staging)
+        if context.exists():
+            old = ckpt / f".context.old-{uuid.uuid4().hex}"
+            os.rename(context, old)
+            try:
+                os.rename(staging, context)
+            except BaseException:
+                os.rename(old, context)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, context)
+        _sync_dir(ckpt)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return context / "io.json"
+
