@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 
 import orjson
-
 from _table import median_wall, print_table, rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,13 +24,19 @@ EXAMPLE = ROOT / "examples" / "pretrain_esm2_small.json"
 
 def fresh_process(repeats: int) -> None:
     ours = median_wall([sys.executable, "-m", "bioconf", "validate", str(EXAMPLE)], repeats, cwd=str(ROOT))
-    megatron = median_wall([sys.executable, "-W", "ignore", "-c", "import megatron.core.transformer"], repeats)
+    megatron = median_wall(
+        [sys.executable, "-W", "ignore", "-c", "import megatron.core.transformer"], repeats
+    )
     print_table(
         "Fresh process: validate one config (median wall seconds)",
         ["command", "seconds", "ratio"],
         [
             ["bioconf validate examples/pretrain_esm2_small.json", f"{ours:.3f}", "1.0x"],
-            ['python -c "import megatron.core.transformer"', f"{megatron:.3f}", f"{megatron / ours:.1f}x slower"],
+            [
+                'python -c "import megatron.core.transformer"',
+                f"{megatron:.3f}",
+                f"{megatron / ours:.1f}x slower",
+            ],
         ],
     )
 
@@ -48,17 +53,24 @@ def in_process() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from bioconf.runtime.materialize import to_megatron_kwargs
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-    kwargs = to_megatron_kwargs(ModelConfig.model_validate(user), only_megatron_fields=True, explicit_only=False)
+        from bioconf.runtime.materialize import to_megatron_kwargs
+
+    kwargs = to_megatron_kwargs(
+        ModelConfig.model_validate(user), only_megatron_fields=True, explicit_only=False
+    )
     megatron = rate(lambda: TransformerConfig(**kwargs))
     print_table(
         f"In-process: validate a full config ({len(full)} fields)",
         ["what", "configs/s", "ratio vs megatron"],
         [
             ["ModelConfig.model_validate(dict)", f"{ours_dict:,.0f}", f"{ours_dict / megatron:.1f}x"],
-            ["ModelConfig.model_validate(orjson.loads(bytes))", f"{ours_json:,.0f}", f"{ours_json / megatron:.1f}x"],
+            [
+                "ModelConfig.model_validate(orjson.loads(bytes))",
+                f"{ours_json:,.0f}",
+                f"{ours_json / megatron:.1f}x",
+            ],
             ["megatron TransformerConfig(**same values)", f"{megatron:,.0f}", "1.0x"],
         ],
     )
