@@ -346,12 +346,22 @@ def render() -> str:
         "",
     ]
     count = 0
+    dtype_fields: list[str] = []
+    enum_fields: dict[str, tuple[str, str]] = {}
     for f in dataclasses.fields(TransformerConfig):
         if f.name in NO_JSON_FORM:
             continue
         kind, default = default_source(f)
         extra = {"x-group": group_of(f.name), "x-level": "basic" if f.name in BASIC else "advanced"}
         text = annotation(hints[f.name], f.name)
+        if text.startswith("DType"):
+            dtype_fields.append(f.name)
+        if (
+            isinstance(hints[f.name], type)
+            and issubclass(hints[f.name], enum.Enum)
+            and text.startswith("Literal")
+        ):
+            enum_fields[f.name] = (hints[f.name].__module__, hints[f.name].__qualname__)
         if f.default is None and "None" not in text:
             text += " | None"  # megatron annotates some None-defaulted fields without Optional
         lines.append(f"    {f.name}: {text} = Field(")
@@ -362,6 +372,13 @@ def render() -> str:
         count += 1
     lines.append("")
     lines.append(f"MEGATRON_FIELD_COUNT = {count}")
+    lines.append("")
+    lines.append("# Fields megatron holds as torch.dtype (the schema holds the canonical name).")
+    lines.append(f"DTYPE_FIELDS = frozenset({sorted(dtype_fields)!r})")
+    lines.append(
+        "# Fields megatron holds as enum members: field -> (module, enum class); the schema holds the name."
+    )
+    lines.append(f"ENUM_FIELDS = {enum_fields!r}")
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,10 @@ class MegatronBioNeMoModelConfig(TransformerConfig, WillHaveGetSetHparam):
     """Base period of the rotary embedding frequencies."""
     share_embeddings_and_output_weights: bool = False
     """Tie the output layer's weights to the input embedding."""
+    num_tokentypes: int = 0
+    """BERT only: number of token types (segment embeddings); 0 disables them."""
+    add_binary_head: bool = True
+    """BERT only: add the next-sentence-prediction (binary) head."""
 
 
 @dataclass
@@ -66,10 +70,6 @@ class BertModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSet
     """Builds megatron-core's ``BertModel`` (encoder, e.g. ESM-2-style protein language models)."""
 
     model_cls: type | None = BertModel
-    num_tokentypes: int = 0
-    """Number of token types (segment embeddings); 0 disables them."""
-    add_binary_head: bool = True
-    """Add the next-sentence-prediction (binary) head."""
 
 
 @dataclass

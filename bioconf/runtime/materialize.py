@@ -11,13 +11,10 @@ import importlib
 from typing import Any
 
 import torch
-from megatron.core.transformer.enums import AttnBackend
 
-from bioconf.schema.megatron_fields import MegatronFields
+from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS, MegatronFields
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.names import ACTIVATIONS
-
-_DTYPE_FIELDS = frozenset({"params_dtype", "pipeline_dtype", "autocast_dtype"})
 
 
 def import_object(path: str) -> Any:
@@ -35,13 +32,14 @@ def to_megatron_value(name: str, value: Any) -> Any:
     """The value megatron expects for field ``name`` given its schema form."""
     if value is None:
         return None
-    if name in _DTYPE_FIELDS:
+    if name in DTYPE_FIELDS:
         return getattr(torch, value)
     if name == "activation_func":
         module, attribute = ACTIVATIONS[value]
         return getattr(importlib.import_module(module), attribute)
-    if name == "attention_backend":
-        return AttnBackend[value]
+    if name in ENUM_FIELDS:
+        module, enum_class = ENUM_FIELDS[name]
+        return getattr(importlib.import_module(module), enum_class)[value]
     if isinstance(value, list):
         return list(value)  # a fresh list: megatron may mutate it
     return value

@@ -13,12 +13,14 @@ from bioconf.schema.model import (
     OVERRIDE_BIONEMO_CONFIG_DEFAULTS,
     ModelConfig,
 )
+from bioconf.schema.nemo_context import CheckpointConfig, read_checkpoint_config, write_checkpoint_context
 from bioconf.schema.overrides import OverrideError
 
 __all__ = [
     "BIONEMO_ONLY_FIELDS",
     "MODEL_CLS_ALIASES",
     "OVERRIDE_BIONEMO_CONFIG_DEFAULTS",
+    "CheckpointConfig",
     "ConfigError",
     "ConfigIssue",
     "ConfigReadError",
@@ -26,7 +28,9 @@ __all__ = [
     "OverrideError",
     "json_schema",
     "load_config",
+    "read_checkpoint_config",
     "read_document",
     "save_config",
     "validate_document",
+    "write_checkpoint_context",
 ]

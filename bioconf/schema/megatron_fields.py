@@ -1197,3 +1197,8 @@ class MegatronFields(BaseModel):
 
 
 MEGATRON_FIELD_COUNT = 231
+
+# Fields megatron holds as torch.dtype (the schema holds the canonical name).
+DTYPE_FIELDS = frozenset(["autocast_dtype", "params_dtype", "pipeline_dtype"])
+# Fields megatron holds as enum members: field -> (module, enum class); the schema holds the name.
+ENUM_FIELDS = {"attention_backend": ("megatron.core.transformer.enums", "AttnBackend")}

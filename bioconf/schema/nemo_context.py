@@ -33,18 +33,17 @@ import os
 import re
 import shutil
 import tempfile
-import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import orjson
-import yaml
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
 from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError, issues_from_validation
+from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.names import ACTIVATIONS, activation_from_import, canonical_dtype
 
@@ -62,11 +61,6 @@ RUNTIME_CONFIG_CLASSES: Final[dict[str, tuple[str, str]]] = {
 MODEL_CLASSES: Final[dict[str, tuple[str, str]]] = {
     "gpt": ("megatron.core.models.gpt.gpt_model", "GPTModel"),
     "bert": ("megatron.core.models.bert.bert_model", "BertModel"),
-}
-
-# Fields megatron holds as enum members (the schema holds the member name).
-ENUM_FIELDS: Final[dict[str, tuple[str, str]]] = {
-    "attention_backend": ("megatron.core.transformer.enums", "AttnBackend"),
 }
 
 MODEL_CONFIG_PATH: Final[str] = "<root>.model.config"
@@ -89,37 +83,14 @@ def _snake(name: str) -> str:
     return re.sub(r"(?<=[^_A-Z])(?=[A-Z])", "_", name).lower()
 
 
-def _annotation_mentions(annotation: Any, predicate: Any) -> bool:
-    if predicate(annotation):
-        return True
-    return any(_annotation_mentions(arg, predicate) for arg in typing.get_args(annotation))
-
-
-def _validated_by(info: Any, func: Any) -> bool:
-    """Whether a field's annotation carries a BeforeValidator calling ``func`` (DType, Activation)."""
-    found = [getattr(m, "func", None) is func for m in info.metadata]
-    return any(found) or _annotation_mentions(
-        info.annotation,
-        lambda a: any(getattr(m, "func", None) is func for m in getattr(a, "__metadata__", ())),
-    )
-
-
-_DTYPE_FIELDS: Final[frozenset[str]] = frozenset(
-    name for name, info in ModelConfig.model_fields.items() if _validated_by(info, canonical_dtype)
-)
-# Strict validation takes only a tuple for a tuple field; the file's containers are read as lists.
-_TUPLE_FIELDS: Final[frozenset[str]] = frozenset(
-    name
-    for name, info in ModelConfig.model_fields.items()
-    if _annotation_mentions(info.annotation, lambda a: a is tuple or typing.get_origin(a) is tuple)
-)
+_KNOWN_FIELDS: Final[frozenset[str]] = frozenset(ModelConfig.model_fields)
 
 
 def _class_path(module_and_name: tuple[str, str]) -> str:
     return f"{module_and_name[0]}:{module_and_name[1]}"
 
 
-def runtime_class_paths() -> frozenset[str]:
+def _runtime_class_paths() -> frozenset[str]:
     """``"module:Class"`` of every bioconf runtime config class."""
     return frozenset(_class_path(v) for v in RUNTIME_CONFIG_CLASSES.values())
 
@@ -188,73 +159,86 @@ class _Decoder:
         self.active: set[str] = set()
 
     def value(self, node: Any) -> Any:
-        if isinstance(node, list):
+        if type(node) is dict:
+            kind = node.get("type")
+            if kind == "leaf":
+                return node["value"]
+            if kind == "ref":
+                return self.ref(node.get("key"))
+            if kind == "pyref":
+                return self.pyref(node)
+            if type(kind) is dict:
+                return self.object(node)
+            raise _Malformed(f"a node of unknown type {kind!r}")
+        if type(node) is list:
             return [self.value(item) for item in node]
-        if not isinstance(node, dict):
-            return node
-        kind = node.get("type")
-        if kind == "leaf":
-            if "value" not in node:
-                raise _Malformed("a leaf node without a value")
-            return node["value"]
-        if kind == "ref":
-            return self.ref(node.get("key"))
-        if kind == "pyref":
-            return self.pyref(node)
-        if isinstance(kind, dict):
-            return self.object(node)
-        raise _Malformed(f"a node of unknown type {kind!r}")
+        return node
 
     def ref(self, key: Any) -> Any:
         if key in self.done:
             return self.done[key]
+        result = self.done[key] = self.value(self.referenced(key))
+        self.active.discard(key)
+        return result
+
+    def referenced(self, key: Any) -> Any:
+        """The object ``key`` names, marked as being decoded (the caller unmarks it when done)."""
         if not isinstance(key, str) or key not in self.objects:
             raise _Malformed(f"a reference to a missing object {key!r}")
         if key in self.active:
             raise _Malformed(f"object {key!r} contains itself")
         self.active.add(key)
-        result = self.value(self.objects[key])
-        self.active.discard(key)
-        self.done[key] = result
-        return result
+        return self.objects[key]
 
     @staticmethod
     def pyref(node: dict[str, Any]) -> _Pyref:
         module, name = node.get("module"), node.get("name")
-        if not isinstance(module, str) or not isinstance(name, str):
+        if type(module) is not str or type(name) is not str:
             raise _Malformed("a pyref without a module and a name")
         return _Pyref(module, name)
 
     def object(self, node: dict[str, Any]) -> Any:
         kind = self.pyref(node["type"])
-        items = node.get("items")
-        if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
-            raise _Malformed(f"a {kind.path} node without a list of [path, value] items")
-        values = [self.value(value) for _, value in items]
-        if kind.path in _SEQUENCES:
+        path = kind.path
+        values = [self.value(value) for _, value in node["items"]]
+        if path in _SEQUENCES:
             return values
-        metadata = self.value(node.get("metadata"))
-        if kind.path == "builtins:dict":
-            keys = metadata if isinstance(metadata, list) else []
-            if len(keys) != len(values):
-                raise _Malformed("a dict node whose keys do not match its items")
-            return dict(zip(keys, values))
-        if kind == _Pyref(*_METADATA):
-            fields = dict(zip((str(path) for path, _ in items), values))
-            names = fields.get("Attr(name='argument_names')")
-            return _Metadata(fields.get("Attr(name='fn_or_cls')"), names if isinstance(names, list) else [])
+        metadata = self.metadata(node.get("metadata"))
+        if path == "builtins:dict":
+            return dict(zip(metadata if type(metadata) is list else [], values, strict=True))
         if isinstance(metadata, _Metadata):
             # fiddle's Config/Partial, or a NeMo IOMixin object flattened from its __io__.
-            if len(metadata.argument_names) != len(values):
-                raise _Malformed(f"a {kind.path} node whose argument names do not match its items")
-            return _Buildable(
-                metadata.fn_or_cls, dict(zip(metadata.argument_names, values)), kind.path in _PARTIAL_TYPES
-            )
-        return _Object(kind, [(str(path), value) for (path, _), value in zip(items, values)])
+            arguments = dict(zip(metadata.argument_names, values, strict=True))
+            return _Buildable(metadata.fn_or_cls, arguments, path in _PARTIAL_TYPES)
+        return _Object(kind, [(str(p), value) for (p, _), value in zip(node["items"], values, strict=True)])
+
+    def metadata(self, node: Any) -> Any:
+        """A Buildable's metadata: only fn_or_cls and the argument names are needed (not the tags
+        or history), and the names are plain strings: read them without the general walk."""
+        key = node.get("key") if type(node) is dict and node.get("type") == "ref" else None
+        if key is not None and key in self.done:
+            return self.done[key]
+        raw = self.objects.get(key) if key is not None else node
+        kind = raw.get("type") if type(raw) is dict else None
+        if type(kind) is not dict or (kind.get("module"), kind.get("name")) != _METADATA:
+            return self.value(node)
+        fields = {p: v for p, v in raw["items"]}
+        names = fields["Attr(name='argument_names')"]
+        if type(names) is dict and names.get("type") == "ref":
+            names = self.objects[names["key"]]
+        result = _Metadata(self.value(fields["Attr(name='fn_or_cls')"]), [n for _, n in names["items"]])
+        if key is not None:
+            self.done[key] = result
+        return result
+
+
+_SCALARS: Final = (str, int, float, bool, type(None))
 
 
 def _as_data(value: Any) -> Any:
     """An unknown field's value as JSON-like data."""
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, _Pyref):
         return value.path
     if isinstance(value, list):
@@ -277,6 +261,8 @@ def _as_data(value: Any) -> Any:
 def _known_value(name: str, value: Any, class_path: str) -> Any:
     """A known field's value in schema form; what cannot be converted is left for ModelConfig to
     reject with its own message."""
+    if type(value) in _SCALARS and name != "model_cls":
+        return value
     if isinstance(value, list):
         return [_known_value(name, v, class_path) for v in value]
     if name == "model_cls":
@@ -397,7 +383,7 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
     decoder = _Decoder(objects)
     try:
         node = decoder.ref(key)
-    except (_Malformed, KeyError, TypeError, AttributeError) as error:
+    except (_Malformed, KeyError, TypeError, ValueError, AttributeError) as error:
         raise _malformed(error, ("model", "config"), source) from None
     if not isinstance(node, _Buildable) or not isinstance(node.target, _Pyref):
         raise ConfigReadError(
@@ -414,9 +400,8 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
     known: dict[str, Any] = {}
     unknown: dict[str, Any] = {}
     for name, value in node.arguments.items():
-        if name in ModelConfig.model_fields:
-            converted = _known_value(name, value, class_path)
-            known[name] = tuple(converted) if name in _TUPLE_FIELDS and isinstance(converted, list) else converted
+        if name in _KNOWN_FIELDS:
+            known[name] = _known_value(name, value, class_path)
         else:
             unknown[str(name)] = _as_data(value)
     try:
@@ -428,14 +413,18 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
         class_path=class_path,
         config=config,
         unknown_fields=unknown,
-        class_is_bioconf=class_path in runtime_class_paths(),
+        class_is_bioconf=class_path in _runtime_class_paths(),
     )
 
 
 def _malformed(error: Exception, loc: tuple[str, ...], source: str) -> ConfigReadError:
     detail = str(error) if isinstance(error, _Malformed) else f"{type(error).__name__}: {error}"
     return ConfigReadError(
-        [ConfigIssue(f"not a fiddle serialization of a config: {detail}", "not_fiddle", loc=loc, source=source)]
+        [
+            ConfigIssue(
+                f"not a fiddle serialization of a config: {detail}", "not_fiddle", loc=loc, source=source
+            )
+        ]
     )
 
 
@@ -539,7 +528,7 @@ def checkpoint_context_document(config: ModelConfig) -> dict[str, Any]:
         path = f"{MODEL_CONFIG_PATH}.{name}"
         if name == "model_cls":
             node = writer.pyref(model_class, path)
-        elif name in _DTYPE_FIELDS and value is not None:
+        elif name in DTYPE_FIELDS and value is not None:
             node = writer.pyref(("torch", value), path)
         elif name == "activation_func":
             node = writer.pyref(ACTIVATIONS[value], path)
@@ -549,15 +538,20 @@ def checkpoint_context_document(config: ModelConfig) -> dict[str, Any]:
         else:
             node = writer.value(value, path)
         arguments.append((name, node))
-    if config_class == RUNTIME_CONFIG_CLASSES["custom"] and "model_cls" not in dict(arguments):
-        arguments.append(("model_cls", writer.pyref(model_class, f"{MODEL_CONFIG_PATH}.model_cls")))
     model_config = writer.config(config_class, arguments, MODEL_CONFIG_PATH)
     model = writer.config(_MODEL_HOLDER, [("config", model_config)], "<root>.model")
     trainer = writer.config(_TRAINER, [], "<root>.trainer")
     extra = writer.empty_dict()
     writer.objects[extra["key"]]["paths"] = ["<root>.extra"]
-    root = writer.config(_TRAINER_CONTEXT, [("model", model), ("trainer", trainer), ("extra", extra)], "<root>")
-    return {"root": root, "objects": writer.objects, "refcounts": writer.refcounts, "version": _FIDDLE_VERSION}
+    root = writer.config(
+        _TRAINER_CONTEXT, [("model", model), ("trainer", trainer), ("extra", extra)], "<root>"
+    )
+    return {
+        "root": root,
+        "objects": writer.objects,
+        "refcounts": writer.refcounts,
+        "version": _FIDDLE_VERSION,
+    }
 
 
 def _model_yaml(config: ModelConfig, class_path: str) -> bytes:
@@ -567,6 +561,8 @@ def _model_yaml(config: ModelConfig, class_path: str) -> bytes:
         "# The model config of this checkpoint, for people (bioconf schema form; fields not listed\n"
         f"# have their defaults). Loaders read io.json, where it is a {class_path}.\n"
     )
+    import yaml  # only writing pays for the import
+
     return (header + yaml.safe_dump(written, sort_keys=False)).encode()
 
 
@@ -635,4 +631,3 @@ def write_checkpoint_context(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return context / "io.json"
-
