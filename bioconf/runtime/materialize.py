@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS, MegatronFields
+from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS, MEGATRON_FIELD_NAMES
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.names import ACTIVATIONS
 
@@ -51,5 +51,5 @@ def to_megatron_kwargs(
     """Constructor arguments for the runtime config: the explicit fields (or all), in megatron form."""
     names = config.model_fields_set if explicit_only else ModelConfig.model_fields.keys()
     if only_megatron_fields:
-        names = [n for n in names if n in MegatronFields.model_fields]
+        names = [n for n in names if n in MEGATRON_FIELD_NAMES]
     return {name: to_megatron_value(name, getattr(config, name)) for name in names}

@@ -11,7 +11,7 @@ are held by name (see bioconf.schema.names). Fields with no JSON form are listed
 # import time, which is a tenth of the CLI's start-up.
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import Field, Strict
 
 from bioconf.schema.names import Activation, DType
 
@@ -33,11 +33,11 @@ NO_JSON_FORM: dict[str, str] = {
 }
 
 
-class MegatronFields(BaseModel):
+class MegatronFields:
     """The TransformerConfig fields (ModelParallelConfig's included), in megatron's order."""
 
-    # Only subclasses validate: building this class's validator too would double import time.
-    model_config = ConfigDict(defer_build=True)
+    # A plain class, not a BaseModel: ModelConfig collects these fields once, where a model base
+    # would have pydantic collect (and copy) all of them twice at import time.
 
     tensor_model_parallel_size: int = Field(
         default=1,
@@ -1196,7 +1196,7 @@ class MegatronFields(BaseModel):
     )
 
 
-MEGATRON_FIELD_COUNT = 231
+MEGATRON_FIELD_NAMES = frozenset(MegatronFields.__annotations__)
 
 # Fields megatron holds as torch.dtype (the schema holds the canonical name).
 DTYPE_FIELDS = frozenset(["autocast_dtype", "params_dtype", "pipeline_dtype"])

@@ -18,7 +18,15 @@ from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
 import orjson
-from pydantic import ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from bioconf.schema import rules
@@ -63,7 +71,7 @@ OVERRIDE_BIONEMO_CONFIG_DEFAULTS: Final[tuple[str, ...]] = (
 _CHECKPOINT = {"x-group": "checkpoint", "x-level": "basic"}
 
 
-class ModelConfig(MegatronFields):
+class ModelConfig(MegatronFields, BaseModel):
     """A Megatron model config as data: every JSON-expressible TransformerConfig field, plus the
     checkpoint fields of BioNeMo's ``MegatronBioNeMoTrainableModelConfig`` and what building a
     model needs (``model_cls``, ``vocab_size``, ``seq_length``)."""
@@ -73,7 +81,6 @@ class ModelConfig(MegatronFields):
         strict=True,
         frozen=True,
         title="bioconf ModelConfig",
-        defer_build=False,
     )
 
     model_cls: ModelClass = Field(
