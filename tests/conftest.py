@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,3 +24,16 @@ def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
 @pytest.fixture
 def small_gpt() -> dict:
     return {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
+
+
+def nemo_dump(io: Any, trainer: Any, model: Any, context_dir: Path) -> None:
+    """Write a checkpoint context with NeMo's own ``TrainerContext.io_dump``.
+
+    ``extra`` is passed explicitly (fiddle 0.3.1 cannot read its default_factory default); without
+    nemo_run, which io_dump imports only to also write model.yaml, that YAML step is skipped:
+    io.json is written by NeMo all the same.
+    """
+    context = io.TrainerContext(model=model, trainer=trainer, extra={})
+    if importlib.util.find_spec("nemo_run") is None:
+        context._io_dump_yaml = lambda _io, attrs: {}
+    context.io_dump(context_dir, yaml_attrs=["model"])

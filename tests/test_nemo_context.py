@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from conftest import nemo_dump
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -407,16 +408,6 @@ class TinyModel(pl.LightningModule, io.IOMixin):
 '''
 
 
-def _nemo_dump(io: Any, trainer: Any, model: Any, context_dir: Path) -> None:
-    """NeMo's own TrainerContext.io_dump. ``extra`` is passed explicitly (fiddle 0.3.1 cannot read
-    the default_factory default); without nemo_run, which io_dump imports only to also write
-    model.yaml, that YAML step is skipped: io.json is written by NeMo all the same."""
-    context = io.TrainerContext(model=model, trainer=trainer, extra={})
-    if importlib.util.find_spec("nemo_run") is None:
-        context._io_dump_yaml = lambda _io, attrs: {}
-    context.io_dump(context_dir, yaml_attrs=["model"])
-
-
 @pytest.fixture(scope="module")
 def nemo_env(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
     """nemo imported once; checkpoints NeMo wrote whose config class is importable no more."""
@@ -454,11 +445,11 @@ def nemo_env(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
             labels={"a": 1, "b": [1, 2]},
             note="hello",
         )
-        _nemo_dump(io, trainer, module.TinyModel(iomixin), root / "iomixin" / "context")
+        nemo_dump(io, trainer, module.TinyModel(iomixin), root / "iomixin" / "context")
         plain = module.PlainConfig(
             num_layers=2, hidden_size=64, num_attention_heads=4, params_dtype=torch.float16, fp16=True
         )
-        _nemo_dump(io, trainer, module.TinyModel(plain), root / "plain" / "context")
+        nemo_dump(io, trainer, module.TinyModel(plain), root / "plain" / "context")
     finally:
         sys.path.remove(str(module_dir))
         sys.modules.pop(name, None)

@@ -10,7 +10,7 @@ field has a default: a subclass is built from ``num_layers``, ``hidden_size`` an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -18,6 +18,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from bioconf.runtime.hparams import IOMixinWithGettersSetters, WillHaveGetSetHparam
 from bioconf.schema.model import OVERRIDE_BIONEMO_CONFIG_DEFAULTS
+
+if TYPE_CHECKING:
+    from bioconf.runtime.settings import SettingsReport
 
 
 @dataclass
@@ -56,6 +59,14 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
     """Load only the settings from initial_ckpt_path, not its weights."""
     override_parent_fields: list[str] = field(default_factory=lambda: list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS))
     """Fields whose value here is kept when settings are loaded from the checkpoint."""
+
+    def load_settings_from_checkpoint(self, initial_ckpt_path: str) -> SettingsReport:
+        """Load the checkpoint's settings into self, except the fields in ``override_parent_fields``:
+        both the tracked init values (what a checkpoint saved later records) and the attributes
+        (which ``__post_init__`` may have derived). Atomic; returns what changed."""
+        from bioconf.runtime.settings import load_settings
+
+        return load_settings(self, initial_ckpt_path)  # type: ignore[arg-type]
 
 
 @dataclass

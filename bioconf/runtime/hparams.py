@@ -115,7 +115,7 @@ class IOMixinWithGettersSetters(WillHaveGetSetHparam):
         return [
             name
             for name, value in self.__io__.__arguments__.items()
-            if name not in fields or not _same(value, _field_default(fields[name]))
+            if name not in fields or not same_value(value, _field_default(fields[name]))
         ]
 
 
@@ -127,10 +127,11 @@ def _field_default(field: dataclasses.Field) -> Any:
     return field.default
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """``a == b`` where that is a plain answer; identity for values whose == is not (tensors)."""
     try:
         return bool(a == b)
-    except Exception:  # tensors and friends: compare by identity
+    except Exception:
         return a is b
 
 

@@ -1,0 +1,274 @@
+"""The runtime layer: tracked hyper-parameters, materialization, and settings from a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import uuid
+from pathlib import Path
+
+import lightning.pytorch as pl
+import nemo.lightning as nl
+import pytest
+import torch
+from conftest import nemo_dump
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from megatron.core.models.bert.bert_model import BertModel
+from megatron.core.models.gpt.gpt_model import GPTModel
+from nemo.lightning import io
+
+from bioconf.runtime import (
+    BertModelConfig,
+    CustomModelConfig,
+    GPTModelConfig,
+    IOMixinProto,
+    IOMixinWithGettersSetters,
+    MegatronBioNeMoTrainableModelConfig,
+    materialize,
+    override_mutate_possibly_extra_mutated_fiddle,
+    to_schema,
+)
+from bioconf.schema import (
+    OVERRIDE_BIONEMO_CONFIG_DEFAULTS,
+    ConfigError,
+    ModelConfig,
+    write_checkpoint_context,
+)
+
+SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
+
+
+class TinyModel(pl.LightningModule, io.IOMixin):
+    """A NeMo module holding a bioconf config, as a BioNeMo model holds its config."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+
+# ---- tracked hyper-parameters ------------------------------------------------------------------
+
+
+def test_only_explicit_arguments_are_tracked():
+    config = GPTModelConfig(**SMALL, bf16=True)
+    assert config.get_hparams() == {**SMALL, "bf16": True}
+    assert isinstance(config, IOMixinProto)
+
+
+def test_tracked_value_and_attribute_can_differ():
+    config = GPTModelConfig(**SMALL)
+    config.set_hparam("hidden_dropout", 0.3, also_change_value=False)
+    assert (config.get_hparam("hidden_dropout"), config.hidden_dropout) == (0.3, 0.1)
+    config.set_hparam("hidden_dropout", 0.4)
+    assert (config.get_hparam("hidden_dropout"), config.hidden_dropout) == (0.4, 0.4)
+
+
+def test_get_hparam_falls_back_to_defaults_including_default_factories():
+    config = GPTModelConfig(**SMALL)
+    assert config.get_hparam("ffn_hidden_size") is None  # tracked: not passed
+    assert config.ffn_hidden_size == 256  # attribute: derived by __post_init__
+    assert config.get_hparam("offload_modules") == []  # megatron's default_factory field
+    assert config.get_hparam("override_parent_fields") == list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS)
+
+
+def test_unknown_hparam_lists_valid_names():
+    config = GPTModelConfig(**SMALL)
+    with pytest.raises(
+        KeyError, match="'hiden_size' is not an init argument of GPTModelConfig; valid names: "
+    ):
+        config.get_hparam("hiden_size")
+    with pytest.raises(KeyError, match="hidden_size"):
+        config.set_hparam("hiden_size", 3)
+
+
+def test_non_default_hparams():
+    config = GPTModelConfig(**SMALL, hidden_dropout=0.1, bf16=True)  # 0.1 is the default
+    assert set(config.get_non_default_hparams()) == {*SMALL, "bf16"}
+
+
+@dataclasses.dataclass
+class ProteinConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSetters):
+    """A user subclass in the seed's style: overrides a parent default, adds a field."""
+
+    num_layers: int = 6
+    hidden_size: int = 320
+    num_attention_heads: int = 20
+    head_size: int = 7
+
+
+def test_user_subclass_overrides_parent_defaults():
+    config = ProteinConfig()
+    assert config.get_hparams() == {}
+    assert (config.get_hparam("num_layers"), config.get_hparam("head_size")) == (6, 7)
+    assert ProteinConfig(num_layers=2).get_hparams() == {"num_layers": 2}
+
+
+def test_reinit_rebuilds_from_tracked_values():
+    config = GPTModelConfig(**SMALL, params_dtype=torch.bfloat16, bf16=True)
+    config.set_hparam("hidden_dropout", 0.25, also_change_value=False)
+    rebuilt = io.reinit(config)
+    assert type(rebuilt) is GPTModelConfig
+    assert rebuilt.hidden_dropout == 0.25 and rebuilt.params_dtype == torch.bfloat16
+    assert rebuilt.get_hparams() == config.get_hparams()
+
+
+def test_nemo_trainer_context_with_this_config_round_trips(tmp_path):
+    config = BertModelConfig(**SMALL, vocab_size=33, params_dtype=torch.bfloat16, bf16=True)
+    trainer = nl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    nemo_dump(io, trainer, TinyModel(config), tmp_path / "context")
+    loaded = io.load_context(tmp_path / "context", subpath="model.config")
+    assert type(loaded) is BertModelConfig
+    assert loaded.get_hparams() == config.get_hparams()
+    assert to_schema(loaded) == to_schema(config)
+    assert (loaded.ffn_hidden_size, loaded.kv_channels) == (256, 16)  # __post_init__ ran again
+
+
+def test_override_mutate_copies_tracked_then_attribute():
+    target = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2)
+    source = GPTModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    override_mutate_possibly_extra_mutated_fiddle(target, source, ["hidden_size", "ffn_hidden_size"])
+    assert (target.get_hparam("hidden_size"), target.hidden_size) == (64, 64)
+    # ffn_hidden_size: the tracked value stays "not passed"; the attribute takes the source's derived value
+    assert (target.get_hparam("ffn_hidden_size"), target.ffn_hidden_size) == (None, 256)
+
+
+# ---- materialization ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "runtime_class", "model_class"),
+    [("gpt", GPTModelConfig, GPTModel), ("bert", BertModelConfig, BertModel)],
+)
+def test_materialize_picks_the_class_and_records_only_set_fields(model_cls, runtime_class, model_class):
+    schema = ModelConfig(**SMALL, model_cls=model_cls, params_dtype="bf16", bf16=True, activation_func="silu")
+    runtime = materialize(schema)
+    assert type(runtime) is runtime_class and runtime.model_cls is model_class
+    assert runtime.params_dtype is torch.bfloat16 and runtime.activation_func is torch.nn.functional.silu
+    assert set(runtime.get_hparams()) == schema.model_fields_set - {"model_cls"}
+
+
+def test_materialize_imports_a_user_model_class_only_here():
+    runtime = materialize(ModelConfig(**SMALL, model_cls="megatron.core.models.gpt.gpt_model:GPTModel"))
+    assert type(runtime) is CustomModelConfig and runtime.model_cls is GPTModel
+    with pytest.raises(ConfigError, match="model_cls: cannot import the model class"):
+        materialize(ModelConfig(**SMALL, model_cls="no_such_package.models:Model"))
+
+
+round_trip_values = st.fixed_dictionaries(
+    {
+        "num_layers": st.integers(1, 8),
+        "hidden_size": st.sampled_from([64, 128]),
+        "num_attention_heads": st.just(4),
+    },
+    optional={
+        "model_cls": st.sampled_from(["bert", "megatron.core.models.bert.bert_model:BertModel"]),
+        "params_dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
+        "activation_func": st.sampled_from(["gelu", "silu", "squared_relu", "quick_gelu"]),
+        "attention_backend": st.sampled_from(["auto", "local", "flash"]),
+        "hidden_dropout": st.floats(0, 1),
+        "window_size": st.tuples(st.integers(-1, 64), st.integers(-1, 64)),
+        "ffn_hidden_size": st.integers(1, 512),
+        "normalization": st.sampled_from(["LayerNorm", "RMSNorm"]),
+        "vocab_size": st.integers(1, 1000),
+        "position_embedding_type": st.sampled_from(["rope", "learned_absolute"]),
+        "initial_ckpt_skip_keys_with_these_prefixes": st.just(["head."]),
+        "override_parent_fields": st.just(["hidden_size"]),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(round_trip_values)
+def test_schema_runtime_schema_round_trip_is_exact(values):
+    schema = ModelConfig.model_validate(values)
+    back = to_schema(materialize(schema))
+    assert back == schema
+    assert back.model_fields_set == schema.model_fields_set - ({"model_cls"} & {"gpt"})
+
+
+# ---- settings from a checkpoint ----------------------------------------------------------------
+
+
+def checkpoint(tmp_path: Path, **fields) -> Path:
+    write_checkpoint_context(ModelConfig(**fields), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_load_settings_from_a_bioconf_checkpoint(tmp_path):
+    ckpt = checkpoint(
+        tmp_path,
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        hidden_dropout=0.2,
+        vocab_size=100,
+        bf16=True,
+        params_dtype="bf16",
+        fp16=False,
+    )
+    config = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=50)
+    report = config.load_settings_from_checkpoint(str(ckpt))
+    # Taken from the checkpoint, tracked and attribute:
+    assert (config.num_layers, config.get_hparam("num_layers"), config.hidden_dropout) == (4, 4, 0.2)
+    # Derived attributes follow the checkpoint's derivation; the tracked value stays unset.
+    assert (config.ffn_hidden_size, config.get_hparam("ffn_hidden_size")) == (256, None)
+    # override_parent_fields kept (bf16 and params_dtype are in the default keep-list).
+    assert (config.bf16, config.params_dtype) == (False, torch.float32)
+    assert report.changed["hidden_size"] == (32, 64) and report.changed["ffn_hidden_size"] == (128, 256)
+    assert "bf16" in report.preserved and "init_method" in report.kept
+    assert report.dropped == {} and not report.class_defaults_unknown
+
+
+def test_load_settings_from_a_nemo_checkpoint_whose_class_is_gone(tmp_path):
+    module_dir = tmp_path / "modules"
+    module_dir.mkdir()
+    name = f"gone_{uuid.uuid4().hex}"
+    (module_dir / f"{name}.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from megatron.core.transformer.transformer_config import TransformerConfig\n"
+        "from nemo.lightning import io\n\n"
+        "@dataclass\nclass ESMLikeConfig(TransformerConfig, io.IOMixin):\n"
+        "    vocab_size: int = 33\n    esm_special: str = 'x'\n"
+    )
+    sys.path.insert(0, str(module_dir))
+    try:
+        module = importlib.import_module(name)
+        source = module.ESMLikeConfig(
+            num_layers=3,
+            hidden_size=48,
+            num_attention_heads=4,
+            vocab_size=33,
+            activation_func=torch.nn.functional.silu,
+            esm_special="y",
+        )
+        trainer = nl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+        nemo_dump(io, trainer, TinyModel(source), tmp_path / "ckpt" / "context")
+    finally:
+        sys.path.remove(str(module_dir))
+        sys.modules.pop(name, None)
+        (module_dir / f"{name}.py").unlink()
+
+    config = BertModelConfig(**SMALL)
+    report = config.load_settings_from_checkpoint(str(tmp_path / "ckpt"))
+    assert name not in sys.modules  # read as data, never imported
+    assert (config.num_layers, config.hidden_size, config.vocab_size) == (3, 48, 33)
+    assert config.activation_func is torch.nn.functional.silu
+    assert report.class_path == f"{name}:ESMLikeConfig" and report.class_defaults_unknown
+    assert report.dropped == {"esm_special": "y"}
+
+
+def test_failed_load_leaves_the_config_untouched(tmp_path):
+    ckpt = checkpoint(tmp_path, **SMALL, model_cls="no_such_package.models:Model")
+    config = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2)
+    before = (dict(config.__dict__), dict(config.__io__.__arguments__))
+    with pytest.raises(ConfigError, match=r"io\.json: model_cls: cannot import the model class"):
+        config.load_settings_from_checkpoint(str(ckpt))
+    assert (dict(config.__dict__), dict(config.__io__.__arguments__)) == before
+
+
+def test_missing_context_says_what_was_expected(tmp_path):
+    config = GPTModelConfig(**SMALL)
+    with pytest.raises(ConfigError, match=r"context/io\.json"):
+        config.load_settings_from_checkpoint(str(tmp_path))
