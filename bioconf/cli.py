@@ -1,7 +1,8 @@
 """The ``bioconf`` command line.
 
 Exit codes (stable, for pipelines): 0 valid / done, 1 invalid config, 2 usage error or
-unreadable input. ``--format json`` prints one JSON document on stdout.
+unreadable input, 3 a checkpoint whose weights do not fit the config (``resolve``).
+``--format json`` prints one JSON document on stdout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_MISMATCH = 3
 
 
 def _print_json(document: Any) -> None:
@@ -69,11 +71,65 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_resolve(args: argparse.Namespace) -> int:
+    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.files import read_document, validate_document
+    from bioconf.schema.resolve import CheckpointMismatchError, resolve
+
+    try:
+        config = validate_document(read_document(args.config), args.overrides)
+        resolved = resolve(config, args.checkpoint, args.policy)
+    except ConfigError as error:
+        if isinstance(error, CheckpointMismatchError):
+            status = EXIT_MISMATCH
+        else:
+            status = EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+        if args.format == "json":
+            _print_json({"ok": False, "exit_code": status, "errors": error.to_list()})
+        else:
+            print(error, file=sys.stderr)
+        return status
+    report = resolved.to_dict()
+    if args.format == "json":
+        _print_json(report)
+    else:
+        _print_resolved(report)
+    return EXIT_OK
+
+
+def _print_resolved(report: dict[str, Any]) -> None:
+    """The fields not left to their default as an aligned table, by source, then the notes."""
+    from bioconf.schema.resolve import SOURCES
+
+    checkpoint = report["checkpoint"]
+    print(f"checkpoint: {checkpoint['path']} ({checkpoint['class']})")
+    print(f"policy: {report['policy']} ({len(report['keep'])} fields kept)")
+    print(f"fingerprint: sha256:{report['fingerprint']}")
+    rows = [("field", "value", "source")]
+    fields = report["fields"]
+    for name in sorted(fields, key=lambda n: (SOURCES.index(fields[n]["source"]), n)):
+        value = fields[name]["value"]
+        shown = value if isinstance(value, str) else orjson.dumps(value).decode()
+        rows.append((name, shown, fields[name]["source"]))
+    # A long value (a list) overflows its column rather than widening every row.
+    name_width = max(len(row[0]) for row in rows)
+    value_width = max(len(row[1]) for row in rows if len(row[1]) <= 40)
+    print()
+    for name, value, source in rows:
+        print(f"{name:<{name_width}}  {value:<{value_width}}  {source}")
+    unknown = report["unknown_checkpoint_fields"]
+    if unknown:
+        print(f"\ncheckpoint fields bioconf does not model: {', '.join(sorted(unknown))}")
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bioconf",
         description="Validate Megatron model configs and start models from NeMo 2 checkpoints.",
-        epilog="Exit codes: 0 ok, 1 invalid config, 2 usage error or unreadable input.",
+        epilog="Exit codes: 0 ok, 1 invalid config, 2 usage error or unreadable input, "
+        "3 checkpoint weights that do not fit the config (resolve).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -95,6 +151,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--format", choices=("text", "json"), default="text")
     validate.set_defaults(run=cmd_validate)
+
+    resolve = commands.add_parser(
+        "resolve",
+        help="merge a config with the settings of the checkpoint it starts from",
+        description="Merge a config with the settings of the NeMo 2 checkpoint it starts from and print "
+        "every value not left to its default with its source (user, checkpoint, derived). Exit 3 when "
+        "the checkpoint's weights do not fit the config.",
+    )
+    resolve.add_argument("config", metavar="CONFIG", help="config file (.json, .yaml)")
+    resolve.add_argument(
+        "--checkpoint", metavar="DIR", help="checkpoint directory (default: the config's initial_ckpt_path)"
+    )
+    resolve.add_argument(
+        "--policy",
+        choices=("seed", "explicit"),
+        default="explicit",
+        help="seed: keep only override_parent_fields (BioNeMo's rule); explicit (default): also keep "
+        "every field the config sets",
+    )
+    resolve.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of CONFIG (KEY+=VALUE appends to a list); repeatable",
+    )
+    resolve.add_argument("--format", choices=("text", "json"), default="text")
+    resolve.set_defaults(run=cmd_resolve)
 
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the config")
     schema.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")

@@ -15,21 +15,25 @@ from bioconf.schema.model import (
 )
 from bioconf.schema.nemo_context import CheckpointConfig, read_checkpoint_config, write_checkpoint_context
 from bioconf.schema.overrides import OverrideError
+from bioconf.schema.resolve import CheckpointMismatchError, ResolvedConfig, resolve
 
 __all__ = [
     "BIONEMO_ONLY_FIELDS",
     "MODEL_CLS_ALIASES",
     "OVERRIDE_BIONEMO_CONFIG_DEFAULTS",
     "CheckpointConfig",
+    "CheckpointMismatchError",
     "ConfigError",
     "ConfigIssue",
     "ConfigReadError",
     "ModelConfig",
     "OverrideError",
+    "ResolvedConfig",
     "json_schema",
     "load_config",
     "read_checkpoint_config",
     "read_document",
+    "resolve",
     "save_config",
     "validate_document",
     "write_checkpoint_context",

@@ -1,0 +1,117 @@
+"""Building the Megatron model a runtime config describes, for the calling rank's pipeline stage.
+
+GPT and BERT use megatron-core's own models with the Transformer Engine layer spec where TE is
+importable and the local (pure PyTorch) spec otherwise. A user model class named by
+``model_cls`` is called with the documented contract:
+
+    model_cls(config=config, pre_process=bool, post_process=bool, vp_stage=int | None)
+
+where ``config`` carries ``vocab_size``, ``seq_length`` and the other fields the class needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.bert.bert_model import BertModel
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from bioconf.schema.errors import ConfigError, ConfigIssue
+
+if TYPE_CHECKING:
+    from bioconf.runtime.config import MegatronBioNeMoModelConfig
+
+
+def transformer_engine_available() -> bool:
+    """Whether the Transformer Engine layer specs can be used."""
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def pipeline_stage(vp_stage: int | None = None) -> tuple[bool, bool]:
+    """(pre_process, post_process) for this rank and virtual stage; (True, True) without model parallelism."""
+    if not parallel_state.model_parallel_is_initialized():
+        return True, True
+    return (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+    )
+
+
+def _require_shapes(config: MegatronBioNeMoModelConfig) -> tuple[int, int]:
+    missing = [name for name in ("vocab_size", "seq_length") if getattr(config, name) is None]
+    if missing:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    f"{name} is needed to build a model: set it, or start from a checkpoint that has it",
+                    "missing",
+                    (name,),
+                )
+                for name in missing
+            ]
+        )
+    return config.vocab_size, config.seq_length  # type: ignore[return-value]
+
+
+def gpt_layer_spec(config: MegatronBioNeMoModelConfig) -> ModuleSpec:
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    options = {
+        "num_experts": config.num_moe_experts,
+        "moe_grouped_gemm": config.moe_grouped_gemm,
+        "qk_layernorm": config.qk_layernorm,
+    }
+    if transformer_engine_available():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**options)
+    return gpt_layer_specs.get_gpt_layer_local_spec(**options, normalization=config.normalization)
+
+
+def bert_layer_spec() -> ModuleSpec:
+    from megatron.core.models.bert import bert_layer_specs
+
+    if transformer_engine_available():
+        return bert_layer_specs.get_bert_layer_with_transformer_engine_spec()
+    return bert_layer_specs.bert_layer_local_spec
+
+
+def build_model(config: MegatronBioNeMoModelConfig, vp_stage: int | None = None) -> MegatronModule:
+    """The model for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+    pre_process, post_process = pipeline_stage(vp_stage)
+    model_cls = config.model_cls
+    if model_cls is GPTModel or (isinstance(model_cls, type) and issubclass(model_cls, GPTModel)):
+        vocab_size, seq_length = _require_shapes(config)
+        return model_cls(
+            config=config,
+            transformer_layer_spec=gpt_layer_spec(config),
+            vocab_size=vocab_size,
+            max_sequence_length=seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+            position_embedding_type=config.position_embedding_type,
+            rotary_percent=config.rotary_percent,
+            rotary_base=config.rotary_base,
+            vp_stage=vp_stage,
+        )
+    if isinstance(model_cls, type) and issubclass(model_cls, BertModel):
+        vocab_size, seq_length = _require_shapes(config)
+        return model_cls(
+            config=config,
+            num_tokentypes=config.num_tokentypes,
+            transformer_layer_spec=bert_layer_spec(),
+            vocab_size=vocab_size,
+            max_sequence_length=seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+            position_embedding_type=config.position_embedding_type,
+            rotary_percent=config.rotary_percent,
+            add_binary_head=config.add_binary_head,
+            vp_stage=vp_stage,
+        )
+    return model_cls(config=config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
