@@ -83,35 +83,29 @@ def build_model(config: MegatronBioNeMoModelConfig, vp_stage: int | None = None)
     """The model for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
     pre_process, post_process = pipeline_stage(vp_stage)
     model_cls = config.model_cls
-    if model_cls is GPTModel or (isinstance(model_cls, type) and issubclass(model_cls, GPTModel)):
-        vocab_size, seq_length = _require_shapes(config)
+    is_gpt = isinstance(model_cls, type) and issubclass(model_cls, GPTModel)
+    is_bert = isinstance(model_cls, type) and issubclass(model_cls, BertModel)
+    if not (is_gpt or is_bert):
+        return model_cls(config=config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    vocab_size, seq_length = _require_shapes(config)
+    common = {
+        "config": config,
+        "vocab_size": vocab_size,
+        "max_sequence_length": seq_length,
+        "pre_process": pre_process,
+        "post_process": post_process,
+        "share_embeddings_and_output_weights": config.share_embeddings_and_output_weights,
+        "position_embedding_type": config.position_embedding_type,
+        "rotary_percent": config.rotary_percent,
+        "vp_stage": vp_stage,
+    }
+    if is_gpt:
         return model_cls(
-            config=config,
-            transformer_layer_spec=gpt_layer_spec(config),
-            vocab_size=vocab_size,
-            max_sequence_length=seq_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
-            position_embedding_type=config.position_embedding_type,
-            rotary_percent=config.rotary_percent,
-            rotary_base=config.rotary_base,
-            vp_stage=vp_stage,
+            **common, transformer_layer_spec=gpt_layer_spec(config), rotary_base=config.rotary_base
         )
-    if isinstance(model_cls, type) and issubclass(model_cls, BertModel):
-        vocab_size, seq_length = _require_shapes(config)
-        return model_cls(
-            config=config,
-            num_tokentypes=config.num_tokentypes,
-            transformer_layer_spec=bert_layer_spec(),
-            vocab_size=vocab_size,
-            max_sequence_length=seq_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
-            position_embedding_type=config.position_embedding_type,
-            rotary_percent=config.rotary_percent,
-            add_binary_head=config.add_binary_head,
-            vp_stage=vp_stage,
-        )
-    return model_cls(config=config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    return model_cls(
+        **common,
+        transformer_layer_spec=bert_layer_spec(),
+        num_tokentypes=config.num_tokentypes,
+        add_binary_head=config.add_binary_head,
+    )
