@@ -8,7 +8,9 @@ unreadable input, 3 a checkpoint whose weights do not fit the config (``resolve`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,19 +83,67 @@ def cmd_resolve(args: argparse.Namespace) -> int:
         resolved = resolve(config, args.checkpoint, args.policy)
     except ConfigError as error:
         if isinstance(error, CheckpointMismatchError):
-            status = EXIT_MISMATCH
-        else:
-            status = EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
-        if args.format == "json":
-            _print_json({"ok": False, "exit_code": status, "errors": error.to_list()})
-        else:
-            print(error, file=sys.stderr)
-        return status
+            return _report_error(error, args.format, EXIT_MISMATCH)
+        return _report_error(
+            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+        )
     report = resolved.to_dict()
     if args.format == "json":
         _print_json(report)
     else:
         _print_resolved(report)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bioconf.inspect import format_inspection, inspect_checkpoint
+    from bioconf.schema.errors import ConfigError, ConfigReadError
+
+    try:
+        result = inspect_checkpoint(args.checkpoint)
+    except ConfigError as error:
+        return _report_error(
+            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+        )
+    sys.stdout.write(format_inspection(result, args.format))
+    return EXIT_OK
+
+
+def _report_error(error: Any, fmt: str, status: int) -> int:
+    """Print a ConfigError as text on stderr or as one JSON document on stdout; return ``status``."""
+    if fmt == "json":
+        _print_json({"ok": False, "exit_code": status, "errors": error.to_list()})
+    else:
+        print(error, file=sys.stderr)
+    return status
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.files import read_document, validate_document
+
+    try:
+        config = validate_document(read_document(args.config), args.overrides)
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+    if os.path.exists(args.out) and not args.overwrite:  # before seconds of imports
+        print(f"{args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
+        return EXIT_USAGE
+    # megatron's notices about optional packages (Apex, Transformer Engine) are not the user's business
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    from bioconf.runtime.checkpoint import init_checkpoint
+
+    try:
+        out = init_checkpoint(config, args.out, seed=args.seed, overwrite=args.overwrite)
+    except ConfigError as error:  # megatron's environment-dependent checks, at build time
+        print(error, file=sys.stderr)
+        return EXIT_INVALID
+    except OSError as error:
+        print(f"{args.out}: cannot write the checkpoint: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    size = sum(f.stat().st_size for f in (out / "weights").iterdir())
+    print(f"{out}: initialized from seed {args.seed} ({size / 1e6:,.1f} MB of weights)")
     return EXIT_OK
 
 
@@ -180,6 +230,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resolve.add_argument("--format", choices=("text", "json"), default="text")
     resolve.set_defaults(run=cmd_resolve)
+
+    init = commands.add_parser(
+        "init-checkpoint",
+        help="write a NeMo 2 checkpoint of a freshly initialized model",
+        description="Build the model CONFIG describes on CPU, initialized from --seed, and write it to OUT "
+        "as a NeMo 2 checkpoint (context/ and torch_dist weights/). Exit 1 for an invalid config, 2 for "
+        "an unreadable config or an OUT that exists or cannot be written.",
+    )
+    init.add_argument("config", metavar="CONFIG", help="config file (.json, .yaml)")
+    init.add_argument("out", metavar="OUT", help="checkpoint directory to create")
+    init.add_argument("--seed", type=int, default=1234, help="seed of the initialization (default 1234)")
+    init.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of CONFIG (KEY+=VALUE appends to a list); repeatable",
+    )
+    init.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    init.set_defaults(run=cmd_init_checkpoint)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show a checkpoint's model config and tensors (read as data: nothing it names is imported)",
+    )
+    inspect.add_argument("checkpoint", metavar="CKPT", help="NeMo 2 checkpoint directory")
+    inspect.add_argument("--format", choices=("text", "json"), default="text")
+    inspect.set_defaults(run=cmd_inspect)
 
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the config")
     schema.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")

@@ -20,7 +20,10 @@ from bioconf.runtime.hparams import IOMixinWithGettersSetters, WillHaveGetSetHpa
 from bioconf.schema.model import OVERRIDE_BIONEMO_CONFIG_DEFAULTS
 
 if TYPE_CHECKING:
+    from megatron.core.transformer.module import MegatronModule
+
     from bioconf.runtime.settings import SettingsReport
+    from bioconf.runtime.weights import LoadReport
 
 
 @dataclass
@@ -67,6 +70,28 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
         from bioconf.runtime.settings import load_settings
 
         return load_settings(self, initial_ckpt_path)  # type: ignore[arg-type]
+
+    def update_model_from_checkpoint(self, model: MegatronModule, initial_ckpt_path: str) -> LoadReport:
+        """Load the checkpoint's weights into ``model`` in place, except keys starting with a prefix in
+        ``initial_ckpt_skip_keys_with_these_prefixes``; returns what was loaded and skipped."""
+        from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
+
+        return load_weights_sharded_inplace_nemo2_to_mcore(
+            model, initial_ckpt_path, set(self.initial_ckpt_skip_keys_with_these_prefixes)
+        )
+
+    def configure_model(self, vp_stage: int | None = None) -> MegatronModule:
+        """The model for this rank (and virtual pipeline stage). Starting from ``initial_ckpt_path``,
+        its settings come first (they fix the shapes), then its weights, unless
+        ``initial_ckpt_path_ignore_weights``."""
+        from bioconf.runtime.build import build_model
+
+        if self.initial_ckpt_path:
+            self.load_settings_from_checkpoint(self.initial_ckpt_path)
+        model = build_model(self, vp_stage)
+        if self.initial_ckpt_path and not self.initial_ckpt_path_ignore_weights:
+            self.update_model_from_checkpoint(model, self.initial_ckpt_path)
+        return model
 
 
 @dataclass

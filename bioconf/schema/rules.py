@@ -2,43 +2,47 @@
 
 ``check_rules(cfg)`` mirrors the checks of megatron-core 0.16.1's ``ModelParallelConfig.__post_init__``
 and ``TransformerConfig.__post_init__`` that depend only on config values, so that a config is
-rejected here exactly when megatron would reject it on the GPU node (minus the checks below that
-depend on the installed environment). ``rule_warnings(cfg)`` returns what megatron only warns about.
+rejected here exactly when megatron would reject it on the GPU node (except for the checks listed
+below, which depend on the installed environment). ``rule_warnings(cfg)`` returns what megatron only
+warns about.
 
 ``cfg`` is any object with one attribute per megatron field, in schema form: dtypes and enums by
 name, the activation by its registry name (``bioconf.schema.names.ACTIVATIONS``), and un-derived
 values (``ffn_hidden_size``, ``kv_channels``, ``num_query_groups``, ... may be None); the rules derive
 what megatron derives where a rule needs it.
 
-A rule here never rejects a config that megatron accepts; megatron fails some configs with a plain
-Python error rather than a check (a division by zero, ``None % n``): those are rules here too, with
-a message saying what megatron needs.
+A rule here never rejects a config that megatron accepts. Megatron fails some configs with a plain
+Python error instead of a check (a division by zero, ``None % n``): those are rules here too, with a
+message saying what megatron needs. tests/test_rules_differential.py compares the verdicts with
+megatron's own.
 
-Left to the runtime (they depend on the installed environment, not on the config):
-  - apply_rope_fusion without multi_latent_attention: needs Transformer Engine's fused RoPE kernels
-    (TE >= 1.4), and TE >= 2.3 together with rotary_interleaved.
-  - fp8 with selective recompute of "moe_act"/"layernorm" (non-delayed recipe): needs TE >= 2.6.0dev0.
-  - num_moe_experts with fp8: needs TE >= 1.7.0, and TE >= 1.11.0 together with moe_grouped_gemm.
-  - moe_permute_fusion: needs TE's fused permute/unpermute kernels (TE >= 2.1.0).
-  - overlap_moe_expert_parallel_comm: needs torch >= 2.6.0.
-  - delay_wgrad_compute with cuda_graph_impl "transformer_engine": needs TE >= 2.10.0.
-  - symmetric_ar_type: needs the `packaging` module, torch >= 2.7 and TE >= 2.3.
-  - bf16 with disable_bf16_reduced_precision_matmul: flips a torch.backends flag; not a check.
-  - Fields with no JSON form (init_method, output_layer_init_method, embedding_init_method, timers,
-    *_func, _cpu_offloading_context, quant_recipe) are absent here and taken as their default (None),
-    so megatron's defaults for them apply (see the num_layers rule in _misc).
-
-Activation names: megatron compares ``activation_func`` against function objects: F.gelu, F.silu,
-F.relu and ``megatron.core.fusions.fused_bias_geglu.quick_gelu``. The registry resolves "gelu",
-"silu" and "relu" to the torch.nn.functional functions, but "quick_gelu" to
-``megatron.core.activations.quick_gelu``, a *different* function object, so for megatron's checks the
-registry's "quick_gelu" is not the quick_gelu it knows: see _FUSED_QUICK_GELU_NAMES.
+Activation names: megatron compares ``activation_func`` with function objects: F.gelu, F.silu, F.relu
+and ``megatron.core.fusions.fused_bias_geglu.quick_gelu``. The registry resolves "gelu", "silu" and
+"relu" to the torch.nn.functional functions, but "quick_gelu" to ``megatron.core.activations.quick_gelu``,
+a *different* function object, so megatron's checks do not count the registry's "quick_gelu" as their
+quick_gelu (see _FUSED_QUICK_GELU_NAMES).
 """
+
+# Left to the runtime: megatron checks that depend on the installed environment, not on the config.
+# - apply_rope_fusion without multi_latent_attention: needs TE's fused RoPE kernels (TE >= 1.4).
+# - apply_rope_fusion + rotary_interleaved without multi_latent_attention: needs TE >= 2.3.
+# - fp8 + selective recompute of "moe_act"/"layernorm" (non-delayed fp8_recipe): needs TE >= 2.6.0dev0.
+# - num_moe_experts + fp8: needs TE >= 1.7.0 (TE >= 1.11.0 with moe_grouped_gemm).
+# - moe_permute_fusion: needs TE's fused permute/unpermute kernels (TE >= 2.1.0).
+# - overlap_moe_expert_parallel_comm: needs torch >= 2.6.0.
+# - delay_wgrad_compute + cuda_graph_impl "transformer_engine": needs TE >= 2.10.0.
+# - symmetric_ar_type: needs the `packaging` module, torch >= 2.7 and TE >= 2.3.
+# - bf16 + disable_bf16_reduced_precision_matmul: sets a torch.backends flag, no check to mirror.
+# Fields with no JSON form (init_method, output_layer_init_method, embedding_init_method, timers, the
+# *_func callables, _cpu_offloading_context, quant_recipe) are absent and taken as their default, None,
+# as megatron does (see the num_layers rule in _misc).
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -798,20 +802,26 @@ def _set_names(*pairs: tuple[str, object]) -> tuple[str, ...]:
     return tuple(name for name, is_set in pairs if is_set)
 
 
-def _layout_stages(layout: object) -> tuple[list[list[str]] | None, str]:
-    """The stages of a layout as lists of layer-type names, or (None, why it is malformed)."""
+@lru_cache(maxsize=256)
+def _parse_layout_string(layout: str) -> tuple[tuple[tuple[str, ...], ...] | None, str]:
+    """The string form: "Et*3|(tt|)*2,mL" -> stages of layer-type names (cached, as megatron does)."""
+    text = _LAYOUT_CHAR_REPEAT.sub(_unroll, _LAYOUT_GROUP_REPEAT.sub(_unroll, layout.replace(",", "")))
+    stages = []
+    for stage in text.split("|"):
+        row = []
+        for char in stage:
+            name = _LAYOUT_LETTERS.get(char)
+            if name is None:
+                return None, f"unknown layer letter {char!r} (known: E, L, t, m)"
+            row.append(name)
+        stages.append(tuple(row))
+    return tuple(stages), ""
+
+
+def _layout_stages(layout: object) -> tuple[Sequence[Sequence[str]] | None, str]:
+    """The stages of a layout as sequences of layer-type names, or (None, why it is malformed)."""
     if isinstance(layout, str):
-        text = _LAYOUT_CHAR_REPEAT.sub(_unroll, _LAYOUT_GROUP_REPEAT.sub(_unroll, layout.replace(",", "")))
-        stages = []
-        for stage in text.split("|"):
-            row = []
-            for char in stage:
-                name = _LAYOUT_LETTERS.get(char)
-                if name is None:
-                    return None, f"unknown layer letter {char!r} (known: E, L, t, m)"
-                row.append(name)
-            stages.append(row)
-        return stages, ""
+        return _parse_layout_string(layout)
     if isinstance(layout, (list, tuple)):
         stages = []
         for row in layout:
@@ -888,7 +898,7 @@ def _check_layout(
         if any("mtp" in stage for stage in stages[:last_round]):
             problems.append("MTP layers must be in the last virtual pipeline stage of their rank")
         for stage in stages[last_round:]:
-            if "mtp" in stage and stage.count("mtp") != mtp:
+            if mtp is not None and "mtp" in stage and stage.count("mtp") != mtp:
                 problems.append("all MTP layers must be in the same stage")
                 break
     if problems:

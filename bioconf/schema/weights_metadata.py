@@ -1,0 +1,564 @@
+"""The weight index of a torch_dist checkpoint (``<ckpt>/weights/.metadata``), read as data without torch.
+
+megatron's torch_dist format is torch.distributed.checkpoint (DCP): ``.metadata`` is a pickle of DCP's
+``Metadata``, which lists every item of the state dict (a tensor's global shape, dtype and chunks; a
+bytes item) and where each chunk's bytes lie in the ``__R_I.distcp`` files. torch reads it with
+``pickle.load``, which imports and calls whatever the file names: a checkpoint from elsewhere could run
+any code. Here a restricted unpickler resolves only the exact globals that DCP's metadata pickles to
+(``ALLOWED_GLOBALS``), each to a small local stand-in that records its state; any other global is
+refused before anything is imported or called. torch is never imported, so the index of a large
+checkpoint reads in milliseconds on a machine without it.
+
+How DCP's metadata pickles (torch 2.x, protocol 4):
+
+- its dataclasses by ``NEWOBJ`` (``cls.__new__(cls)``) then ``BUILD`` with the instance ``__dict__``;
+  ``TensorProperties`` with a tuple ``(dtype, layout, requires_grad, memory_format, pin_memory)``
+  from its own ``__getstate__``, the memory format as ``_MEM_FORMAT_ENCODING(code)`` (``REDUCE``);
+- ``torch.Size`` as ``REDUCE`` of ``torch.Size((d0, d1, ...))``;
+- a dtype as a global ``torch.<name>`` (the canonical name: ``torch.half`` is ``torch.float16``);
+- a layout as ``torch.serialization._get_layout("torch.strided")``;
+- ``StorageMeta.checkpoint_id`` as a path: ``pathlib.PosixPath(*parts)`` (``REDUCE``).
+
+megatron's torch_dist saver (``save_state_dict_async_plan``, decentralized plans: the default) also
+sets ``Metadata.all_local_plans``: every rank's ``SavePlan`` (``WriteItem``s with their
+``WriteItemType`` enum member, ``MetadataIndex`` and ``TensorWriteData``), kept to reuse the plan at the
+next save. A plan's ``storage_data`` is a ``_StoragePrefix`` when torch's writer runs without
+collectives. These are parsed (so they must be allowed) but not reported.
+
+``common.pt`` (a full torch pickle) is never opened here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import pickle
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, ClassVar, Final
+
+import orjson
+
+from bioconf.schema.errors import ConfigIssue, ConfigReadError
+
+METADATA_FILE: Final[str] = ".metadata"
+BACKEND_FILE: Final[str] = "metadata.json"
+
+# The torch dtypes by bytes per element, by the names a pickle uses for them (torch 2.13; a test checks
+# the table against the installed torch).
+_DTYPES_BY_ITEMSIZE: Final[dict[int, tuple[str, ...]]] = {
+    16: ("complex128",),
+    8: ("complex64", "float64", "int64", "uint64"),
+    4: ("complex32", "float32", "int32", "qint32", "uint32"),
+    2: ("bfloat16", "bits16", "float16", "int16", "uint16"),
+    1: (
+        "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "float4_e2m1fn_x2", "float8_e4m3fn",
+        "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "int1", "int2", "int3",
+        "int4", "int5", "int6", "int7", "int8", "qint8", "quint2x4", "quint4x2", "quint8", "uint1",
+        "uint2", "uint3", "uint4", "uint5", "uint6", "uint7", "uint8",
+    ),
+}  # fmt: skip
+DTYPE_ITEMSIZE: Final[dict[str, int]] = {
+    name: size for size, names in _DTYPES_BY_ITEMSIZE.items() for name in names
+}
+"""Bytes per element of each torch dtype, by canonical name (``"bfloat16": 2``)."""
+
+
+# ---- stand-ins ----------------------------------------------------------------------------------
+
+
+class _Sealed(type):
+    """Metaclass of every stand-in class: a pickle's BUILD can set attributes on any object it holds,
+    a class included, and must not be able to change a stand-in for later reads."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+    def __delattr__(cls, name: str) -> None:
+        raise AttributeError(f"{cls.__name__} is read-only")
+
+
+class _Record(metaclass=_Sealed):
+    """A DCP dataclass instance: NEWOBJ makes it empty, BUILD hands it the dataclass's ``__dict__``."""
+
+    __slots__ = ("state",)
+
+    def __new__(cls) -> _Record:
+        record = super().__new__(cls)
+        record.state = {}
+        return record
+
+    def __setstate__(self, state: Any) -> None:
+        if type(state) is not dict or not all(type(key) is str for key in state):
+            raise _Malformed(f"{type(self).__name__} with a state that is not a dict of fields")
+        self.state = state
+
+
+class _Metadata(_Record):
+    __slots__ = ()
+
+
+class _TensorStorageMetadata(_Record):
+    __slots__ = ()
+
+
+class _BytesStorageMetadata(_Record):
+    __slots__ = ()
+
+
+class _ChunkStorageMetadata(_Record):
+    __slots__ = ()
+
+
+class _MetadataIndex(_Record):
+    __slots__ = ()
+
+
+class _StorageMeta(_Record):
+    __slots__ = ()
+
+
+class _StorageInfo(_Record):
+    __slots__ = ()
+
+
+class _StoragePrefix(_Record):
+    __slots__ = ()
+
+
+class _SavePlan(_Record):
+    __slots__ = ()
+
+
+class _WriteItem(_Record):
+    __slots__ = ()
+
+
+class _TensorWriteData(_Record):
+    __slots__ = ()
+
+
+class _TensorProperties(_Record):
+    """Pickled by its own ``__getstate__``: (dtype, layout, requires_grad, memory_format, pin_memory)."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        if type(state) is not tuple or len(state) != 5:
+            raise _Malformed("TensorProperties with a state that is not its 5-tuple")
+        self.state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state))
+
+
+class _Dtype(str):
+    """A torch dtype, by its canonical name (immutable: no ``__dict__``)."""
+
+    __slots__ = ()
+
+
+class _Size(tuple, metaclass=_Sealed):
+    """``torch.Size((d0, d1, ...))``: a tuple of non-negative ints."""
+
+    __slots__ = ()
+
+    def __new__(cls, dims: Any = ()) -> _Size:
+        if type(dims) not in (tuple, list) or not all(type(d) is int and d >= 0 for d in dims):
+            raise _Malformed(f"torch.Size of {dims!r}: not a sequence of non-negative ints")
+        return super().__new__(cls, dims)
+
+
+class _Layout(str, metaclass=_Sealed):
+    """``torch.serialization._get_layout("torch.strided")``: the layout's name."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: Any) -> _Layout:
+        if type(name) is not str:
+            raise _Malformed(f"a layout named {name!r}")
+        return super().__new__(cls, name)
+
+
+class _EnumMember(str, metaclass=_Sealed):
+    """A DCP enum member, pickled as ``EnumClass(value)``, by its member name."""
+
+    __slots__ = ()
+    _MEMBERS: ClassVar[dict[int, str]] = {}
+
+    def __new__(cls, value: Any) -> _EnumMember:
+        if type(value) is not int or value not in cls._MEMBERS:
+            raise _Malformed(f"{cls.__name__.lstrip('_')}({value!r}): no such member")
+        return super().__new__(cls, cls._MEMBERS[value])
+
+
+class _MemoryFormat(_EnumMember):
+    __slots__ = ()
+    _MEMBERS: ClassVar[dict[int, str]] = {
+        0: "TORCH_CONTIGUOUS_FORMAT",
+        1: "TORCH_CHANNELS_LAST",
+        2: "TORCH_PRESERVE_FORMAT",
+    }
+
+
+class _WriteItemType(_EnumMember):
+    __slots__ = ()
+    _MEMBERS: ClassVar[dict[int, str]] = {1: "TENSOR", 2: "SHARD", 3: "BYTE_IO"}
+
+
+class _PosixPath(str, metaclass=_Sealed):
+    """``pathlib.PosixPath(*parts)`` as a string (no filesystem access)."""
+
+    __slots__ = ()
+    _PURE: Final = PurePosixPath
+
+    def __new__(cls, *parts: Any) -> _PosixPath:
+        if not all(type(part) is str for part in parts):
+            raise _Malformed(f"a path made of {parts!r}")
+        return super().__new__(cls, str(cls._PURE(*parts)))
+
+
+class _WindowsPath(_PosixPath):
+    __slots__ = ()
+    _PURE: Final = PureWindowsPath
+
+
+_DCP: Final = "torch.distributed.checkpoint.metadata"
+_FILESYSTEM: Final = "torch.distributed.checkpoint.filesystem"
+_PLANNER: Final = "torch.distributed.checkpoint.planner"
+_PATH_MODULES: Final = ("pathlib", "pathlib._local")  # Python 3.13 defines the path classes in _local
+
+ALLOWED_GLOBALS: Final[dict[tuple[str, str], Any]] = {
+    (_DCP, "Metadata"): _Metadata,
+    (_DCP, "TensorStorageMetadata"): _TensorStorageMetadata,
+    (_DCP, "BytesStorageMetadata"): _BytesStorageMetadata,
+    (_DCP, "ChunkStorageMetadata"): _ChunkStorageMetadata,
+    (_DCP, "TensorProperties"): _TensorProperties,
+    (_DCP, "MetadataIndex"): _MetadataIndex,
+    (_DCP, "StorageMeta"): _StorageMeta,
+    (_DCP, "_MEM_FORMAT_ENCODING"): _MemoryFormat,
+    (_FILESYSTEM, "_StorageInfo"): _StorageInfo,
+    (_FILESYSTEM, "_StoragePrefix"): _StoragePrefix,
+    (_PLANNER, "SavePlan"): _SavePlan,
+    (_PLANNER, "WriteItem"): _WriteItem,
+    (_PLANNER, "WriteItemType"): _WriteItemType,
+    (_PLANNER, "TensorWriteData"): _TensorWriteData,
+    ("torch", "Size"): _Size,
+    ("torch.serialization", "_get_layout"): _Layout,
+    **{("torch", name): _Dtype(name) for name in DTYPE_ITEMSIZE},
+    **{(module, name): _PosixPath for module in _PATH_MODULES for name in ("PosixPath", "PurePosixPath")},
+    **{
+        (module, name): _WindowsPath
+        for module in _PATH_MODULES
+        for name in ("WindowsPath", "PureWindowsPath")
+    },
+}
+"""Every (module, name) a DCP ``.metadata`` may name, and the stand-in it resolves to."""
+
+
+class _Malformed(Exception):
+    """The pickle is readable but is not DCP metadata (reported with the file's name)."""
+
+
+class _Refused(Exception):
+    """The pickle names a global outside ALLOWED_GLOBALS."""
+
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+        self.module, self.name = module, name
+
+
+class _Unpickler(pickle.Unpickler):
+    """An unpickler whose globals are ALLOWED_GLOBALS' stand-ins and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return ALLOWED_GLOBALS[module, name]
+        except KeyError:
+            raise _Refused(str(module), str(name)) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _Malformed(f"a persistent id {pid!r} (DCP metadata has none)")
+
+
+# ---- the plain result ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a tensor: its place in the global tensor and its bytes in a shard file
+    (``length`` is the stored record's length, a small ``torch.save`` archive by default)."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    offset: int
+    length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offsets": list(self.offsets),
+            "sizes": list(self.sizes),
+            "file": self.file,
+            "offset": self.offset,
+            "length": self.length,
+        }
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor of the state dict, by its fully qualified key."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """The tensor's size in memory (numel * itemsize), not its stored size."""
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "bytes": self.nbytes,
+            "chunks": [chunk.to_dict() for chunk in self.chunks],
+        }
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A non-tensor item (DCP stores it as bytes: a megatron ShardedObject, an ``_extra_state``)."""
+
+    name: str
+    file: str
+    offset: int
+    length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "file": self.file, "offset": self.offset, "length": self.length}
+
+
+@dataclass(frozen=True)
+class WeightsMetadata:
+    """What a torch_dist ``weights/`` folder holds, from its ``.metadata`` and ``metadata.json``."""
+
+    path: Path
+    """The weights folder."""
+    backend: dict[str, Any] | None
+    """``metadata.json`` (megatron's ``sharded_backend``, ``common_backend``, versions); None if absent."""
+    version: str | None
+    """DCP's metadata version (``"1.0.0"``; None before torch wrote one)."""
+    tensors: tuple[TensorInfo, ...]
+    objects: tuple[ObjectInfo, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(tensor.nbytes for tensor in self.tensors)
+
+    def files(self) -> dict[str, int]:
+        """Bytes recorded per shard file (tensor chunks and objects)."""
+        stored = [(chunk.file, chunk.length) for tensor in self.tensors for chunk in tensor.chunks]
+        stored += [(item.file, item.length) for item in self.objects]
+        sizes: Counter[str] = Counter()
+        for file, length in stored:
+            sizes[file] += length
+        return dict(sorted(sizes.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "dcp_version": self.version,
+            "total_bytes": self.total_bytes,
+            "files": self.files(),
+            "tensors": [tensor.to_dict() for tensor in self.tensors],
+            "objects": [item.to_dict() for item in self.objects],
+        }
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def _error(message: str, kind: str, source: Path | str, value: Any = None) -> ConfigReadError:
+    return ConfigReadError([ConfigIssue(message, kind, input=value, source=str(source))])
+
+
+def find_weights_dir(ckpt_dir: str | os.PathLike[str]) -> Path:
+    """``<ckpt>/weights``; the weights folder itself (holding ``.metadata``) is also accepted."""
+    given = Path(ckpt_dir)
+    for candidate in (given / "weights", given):
+        if (candidate / METADATA_FILE).is_file():
+            return candidate
+    weights = given / "weights"
+    if not given.is_dir():
+        why = "no such folder"
+    elif not weights.is_dir():
+        why = "no weights/ folder in it"
+    else:
+        why = f"no {METADATA_FILE} in weights/"
+        backend = read_backend(weights)
+        if backend is not None and backend.get("sharded_backend") != "torch_dist":
+            why += f"; its {BACKEND_FILE} names sharded_backend {backend.get('sharded_backend')!r}"
+    raise _error(
+        f"not a torch_dist checkpoint: expected its weight index in {weights / METADATA_FILE} ({why})",
+        "missing_weights",
+        given,
+    )
+
+
+def read_backend(weights_dir: Path) -> dict[str, Any] | None:
+    """megatron's ``metadata.json`` in ``weights_dir``, or None when there is none."""
+    path = weights_dir / BACKEND_FILE
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise _error(f"cannot read file: {error.strerror}", "read_error", path) from None
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise _error(f"invalid JSON: {error.msg}", "json_invalid", path) from None
+    if not isinstance(document, dict):
+        raise _error("expected a JSON object", "not_a_mapping", path, type(document).__name__)
+    return document
+
+
+def load_dcp_metadata(path: Path) -> _Metadata:
+    """Unpickle a DCP ``.metadata`` file with only ALLOWED_GLOBALS resolvable."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise _error(f"cannot read file: {error.strerror}", "read_error", path) from None
+    try:
+        result = _Unpickler(io.BytesIO(raw)).load()
+    except _Refused as refused:
+        raise _error(
+            f"refused to load global '{refused.module}.{refused.name}': a DCP .metadata names only "
+            "torch.distributed.checkpoint's own classes, torch.Size and torch dtypes "
+            "(nothing was imported or run)",
+            "unsafe_pickle",
+            path,
+            f"{refused.module}.{refused.name}",
+        ) from None
+    except _Malformed as error:
+        raise _error(f"not DCP metadata: {error}", "not_dcp_metadata", path) from None
+    except Exception as error:  # anything else an untrusted pickle can raise
+        raise _error(
+            f"not a readable pickle: {type(error).__name__}: {error}", "pickle_invalid", path
+        ) from None
+    if not isinstance(result, _Metadata):
+        raise _error(
+            "not DCP metadata: the pickle holds no torch.distributed.checkpoint Metadata",
+            "not_dcp_metadata",
+            path,
+            type(result).__name__,
+        )
+    return result
+
+
+_RECORD_NAMES: Final[dict[type, str]] = {
+    stand_in: name
+    for (_, name), stand_in in ALLOWED_GLOBALS.items()
+    if isinstance(stand_in, type) and issubclass(stand_in, _Record)
+}
+
+
+def _field(record: _Record, name: str, kinds: type | tuple[type, ...], where: str = "") -> Any:
+    """``record.name``, checked to be one of ``kinds``; ``where`` names the item for the message."""
+    value = record.state.get(name)
+    if not isinstance(value, kinds):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        prefix = f"{where}: " if where else ""
+        raise _Malformed(f"{prefix}{_RECORD_NAMES[type(record)]}.{name} is {got}")
+    return value
+
+
+def _storage_index(metadata: _Metadata) -> dict[tuple[str, tuple[int, ...] | None], _StorageInfo]:
+    """``storage_data``: (fqn, chunk offsets or None for a bytes item) -> where its bytes are."""
+    storage = _field(metadata, "storage_data", dict)
+    index = {}
+    for key, info in storage.items():
+        if not isinstance(key, _MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise _Malformed("Metadata.storage_data is not a map of MetadataIndex to _StorageInfo")
+        fqn = _field(key, "fqn", str, "storage_data")
+        index[fqn, _field(key, "offset", (_Size, type(None)), fqn)] = info
+    return index
+
+
+def _location(
+    storage: dict[Any, _StorageInfo], fqn: str, offsets: tuple[int, ...] | None
+) -> tuple[str, int, int]:
+    """(file, offset, length) of one stored item."""
+    info = storage.get((fqn, offsets))
+    if info is None:
+        at = "" if offsets is None else f" at offsets {list(offsets)}"
+        raise _Malformed(f"{fqn}{at}: no storage_data entry says where its bytes are")
+    return (
+        _field(info, "relative_path", str, fqn),
+        _field(info, "offset", int, fqn),
+        _field(info, "length", int, fqn),
+    )
+
+
+def _tensor(name: str, item: _TensorStorageMetadata, storage: dict[Any, _StorageInfo]) -> TensorInfo:
+    properties = _field(item, "properties", _TensorProperties, name)
+    dtype = _field(properties, "dtype", _Dtype, name)
+    chunks = []
+    for chunk in _field(item, "chunks", list, name):
+        if not isinstance(chunk, _ChunkStorageMetadata):
+            raise _Malformed(f"{name}: a chunk that is not a ChunkStorageMetadata")
+        offsets = _field(chunk, "offsets", _Size, name)
+        chunks.append(
+            Chunk(
+                tuple(offsets), tuple(_field(chunk, "sizes", _Size, name)), *_location(storage, name, offsets)
+            )
+        )
+    return TensorInfo(name, tuple(_field(item, "size", _Size, name)), str(dtype), tuple(chunks))
+
+
+def _natural_key(name: str) -> list[Any]:
+    """``layers.2`` before ``layers.10``."""
+    parts: list[Any] = []
+    for part in name.split("."):
+        parts.extend((0, int(part)) if part.isdigit() else (1, part))
+    return parts
+
+
+def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(sorted(items, key=lambda item: _natural_key(item.name)))
+
+
+def read_weights_metadata(ckpt_dir: str | os.PathLike[str]) -> WeightsMetadata:
+    """The tensors and objects of the torch_dist checkpoint at ``ckpt_dir`` (its ``weights/.metadata``
+    and ``metadata.json``), read without torch and without importing or calling anything the file
+    names. Raises ConfigReadError naming the file: missing, not a pickle, a refused global, not DCP
+    metadata."""
+    weights = find_weights_dir(ckpt_dir)
+    path = weights / METADATA_FILE
+    backend = read_backend(weights)
+    metadata = load_dcp_metadata(path)
+    try:
+        storage = _storage_index(metadata)
+        tensors, objects = [], []
+        for name, item in _field(metadata, "state_dict_metadata", dict).items():
+            if not isinstance(name, str):
+                raise _Malformed(f"a state dict key {name!r} that is not a string")
+            if isinstance(item, _TensorStorageMetadata):
+                tensors.append(_tensor(name, item, storage))
+            elif isinstance(item, _BytesStorageMetadata):
+                objects.append(ObjectInfo(name, *_location(storage, name, None)))
+            else:
+                raise _Malformed(f"{name}: an item that is neither a tensor nor bytes")
+        version = _field(metadata, "version", (str, type(None)))
+    except _Malformed as error:
+        raise _error(f"not DCP metadata: {error}", "not_dcp_metadata", path) from None
+    return WeightsMetadata(weights, backend, version, _sorted(tensors), _sorted(objects))

@@ -1,0 +1,369 @@
+"""Loading checkpoint weights: in place, checked before anything is touched, reported, every layout.
+
+Everything runs on CPU against the real megatron-core and torch.distributed (gloo); the layout tests
+run two processes under torchrun (tests/dist_scripts/layouts.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from conftest import ROOT
+from dist_scripts.layouts import build, gathered, same
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+from bioconf.runtime import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, GPTModelConfig, materialize
+from bioconf.runtime.checkpoint import ensure_parallel_state, init_checkpoint
+from bioconf.runtime.weights import (
+    LoadReport,
+    WeightsError,
+    _DirectReader,
+    _item_layout,
+    _ItemFile,
+    _Progress,
+    _read_direct,
+    load_weights_sharded_inplace_nemo2_to_mcore,
+    shaped_by,
+)
+from bioconf.schema import ModelConfig
+
+GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
+
+
+@pytest.fixture
+def parallel():
+    """A 1-rank gloo group and megatron parallel state, as a single-process user would have."""
+    with ensure_parallel_state():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return init_checkpoint(GPT, tmp_path_factory.mktemp("ckpt") / "gpt", seed=7)
+
+
+def stored(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors by checkpoint key without ``module.``, read by megatron's stock loader."""
+    plain = dist_checkpointing.load_plain_tensors(str(ckpt / "weights"))
+    return {key.removeprefix("module."): value for key, value in plain.items() if torch.is_tensor(value)}
+
+
+def tensors(model) -> dict[str, torch.Tensor]:
+    return {key.removeprefix("module."): value for key, value in gathered(model).items()}
+
+
+# ---- loading and the report ---------------------------------------------------------------------
+
+
+def test_load_is_in_place_and_bit_exact(parallel, ckpt):
+    model = build(GPT, seed=1)
+    parameters = {name: p.data_ptr() for name, p in model.named_parameters()}
+    report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
+    assert same(tensors(model), stored(ckpt))
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == parameters
+    assert isinstance(report, LoadReport)
+    assert report.checkpoint == str(ckpt / "weights")
+    assert len(report.loaded) == sum(1 for key in model.state_dict() if "_extra_state" not in key)
+    assert (report.skipped, report.missing, report.cast, report.stock_reads) == ({}, [], {}, 0)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights <= report.bytes_read < 1.2 * weights
+    assert report.seconds > 0 and report.throughput == report.bytes_read / report.seconds
+    json.dumps(report.to_dict())  # plain data
+    assert f"loaded {len(report.loaded)} tensors" in str(report)
+
+
+def test_a_weights_folder_is_accepted_too(parallel, ckpt):
+    model = build(GPT, seed=1)
+    load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt / "weights", set())
+    assert same(tensors(model), stored(ckpt))
+
+
+def test_skipped_keys_keep_their_values_and_are_reported(parallel, ckpt):
+    model = build(GPT, seed=1)
+    before = tensors(model)
+    report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, {"output_layer.", "decoder.final_"})
+    after, source = tensors(model), stored(ckpt)
+    assert report.skipped == {
+        "output_layer.weight": "output_layer.",
+        "decoder.final_layernorm.weight": "decoder.final_",
+        "decoder.final_layernorm.bias": "decoder.final_",
+    }
+    for key in after:
+        expected = before if key.startswith(("output_layer.", "decoder.final_")) else source
+        assert torch.equal(after[key], expected[key]), key
+    assert "skipped 1 tensors by prefix 'output_layer.'" in str(report)
+
+
+def test_missing_keys_are_an_error_before_anything_changes(parallel, tmp_path):
+    no_bias = init_checkpoint(GPT.with_overrides({"add_bias_linear": False}), tmp_path / "nobias")
+    model = build(GPT, seed=1)
+    before = tensors(model)
+    with pytest.raises(WeightsError) as caught:
+        load_weights_sharded_inplace_nemo2_to_mcore(model, no_bias, [])
+    assert same(tensors(model), before)
+    missing = {issue.field for issue in caught.value.issues}
+    assert "decoder.layers.0.self_attention.linear_proj.bias" in missing
+    assert all(issue.type == "missing_in_checkpoint" for issue in caught.value.issues)
+    assert all(issue.source == str(no_bias / "weights") for issue in caught.value.issues)
+
+    report = load_weights_sharded_inplace_nemo2_to_mcore(model, no_bias, [], strict=False)
+    assert set(report.missing) == missing
+    after, source = tensors(model), stored(no_bias)
+    assert all(torch.equal(after[key], source[key]) for key in source)
+
+
+def test_an_unused_skip_prefix_names_the_nearest_keys(parallel, ckpt):
+    model = build(GPT, seed=1)
+    with pytest.raises(WeightsError) as caught:
+        load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, ["outputlayer.", "embedding."])
+    (issue,) = caught.value.issues
+    assert (issue.type, issue.field, issue.input) == (
+        "unused_skip_prefix",
+        "skip_keys_with_these_prefixes",
+        "outputlayer.",
+    )
+    assert "nearest keys: output_layer." in issue.message
+
+
+def test_a_shape_mismatch_names_key_shapes_and_fields(parallel, ckpt):
+    bigger_vocab = GPT.with_overrides({"vocab_size": 256})
+    model = build(bigger_vocab, seed=1)
+    before = tensors(model)
+    with pytest.raises(WeightsError) as caught:
+        load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
+    assert same(tensors(model), before)
+    by_key = {issue.field: issue for issue in caught.value.issues}
+    assert set(by_key) == {"embedding.word_embeddings.weight", "output_layer.weight"}
+    issue = by_key["embedding.word_embeddings.weight"]
+    assert issue.input == {"checkpoint": [128, 64], "model": [256, 64]}
+    assert "'module.embedding.word_embeddings.weight'" in issue.message
+    assert "vocab_size=256, hidden_size=64" in issue.message
+
+    load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, ["embedding.word_embeddings.", "output_layer."])
+
+
+@pytest.mark.parametrize(
+    ("key", "fields"),
+    [
+        ("module.embedding.word_embeddings.weight", ("vocab_size", "hidden_size")),
+        (
+            "module.decoder.layers.self_attention.linear_qkv.weight",
+            ("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_layers"),
+        ),
+        (
+            "module.decoder.layers.3.mlp.linear_fc1.weight",
+            ("ffn_hidden_size", "hidden_size", "gated_linear_unit"),
+        ),
+        ("module.decoder.final_layernorm.weight", ("hidden_size",)),
+    ],
+)
+def test_shaped_by(key, fields):
+    assert shaped_by(key) == fields
+
+
+def test_a_fp32_checkpoint_is_cast_into_a_bf16_model(parallel, ckpt):
+    model = build(GPT.with_overrides({"params_dtype": "bf16", "bf16": True}), seed=1)
+    report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
+    assert set(report.cast.values()) == {("torch.float32", "torch.bfloat16")}
+    loaded = tensors(model)  # megatron keeps norms and position embeddings in fp32
+    assert loaded["decoder.layers.self_attention.linear_qkv.weight"].dtype == torch.bfloat16
+    assert same(loaded, {key: value.to(loaded[key].dtype) for key, value in stored(ckpt).items()})
+
+
+def test_a_folder_that_is_not_a_checkpoint(parallel, tmp_path):
+    model = build(GPT, seed=1)
+    with pytest.raises(WeightsError, match="no such checkpoint folder"):
+        load_weights_sharded_inplace_nemo2_to_mcore(model, tmp_path / "nothing", [])
+    with pytest.raises(WeightsError, match=r"no metadata\.json"):
+        load_weights_sharded_inplace_nemo2_to_mcore(model, tmp_path, [])
+
+
+# ---- the direct reader --------------------------------------------------------------------------
+
+
+def test_direct_reader_matches_the_stock_reader(parallel, tmp_path):
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    saved = {
+        "contiguous": base.clone(),
+        "transposed": base.t(),  # torch.save keeps the view: strides (1, 8)
+        "view": base[2:5, 1:7],  # DCP stores a copy of a view into a larger storage
+        "bf16": base.to(torch.bfloat16),
+        "int64": torch.arange(5),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "complex": torch.ones(3, dtype=torch.complex64),  # not parsed: the stock path reads it
+    }
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(tmp_path))
+    reader = dcp.FileSystemReader(tmp_path)
+    metadata = reader.read_metadata()
+    layouts = {}
+    for index, info in metadata.storage_data.items():
+        if index.fqn != "complex":
+            with open(tmp_path / info.relative_path, "rb") as handle:
+                layouts[index.fqn] = _item_layout(_ItemFile(handle.fileno(), info.offset, info.length))
+    assert layouts["transposed"].stride == (1, 8)
+
+    targets = {key: torch.full_like(value, 7) for key, value in saved.items()}
+    targets["bf16"] = torch.zeros(6, 8, dtype=torch.float32)  # cast on the way in
+    direct = _DirectReader(tmp_path, metadata, _Progress(False, ""), threads=2)
+    dcp.load(targets, storage_reader=direct)
+    for key, value in saved.items():
+        assert torch.equal(targets[key], value.to(targets[key].dtype)), key
+    assert direct.stock_reads == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("offsets", "lengths"),
+    [((0, 0), (3, 6)), ((1, 0), (2, 6)), ((0, 2), (3, 3)), ((2, 5), (1, 1))],  # whole, rows, columns, one
+)
+def test_direct_read_of_a_region_of_a_strided_view(tmp_path, dtype, offsets, lengths):
+    """What resharding asks of a stored item: a region of it, from a tensor torch.save kept as a view
+    at an offset into a larger storage; into a target of the same or another dtype."""
+    view = torch.arange(48, dtype=torch.float32).reshape(6, 8)[2:5, 1:7]
+    archive = io.BytesIO()
+    torch.save(view, archive)
+    padding = b"x" * 100
+    (tmp_path / "item").write_bytes(padding + archive.getvalue())
+    req = ReadItem(
+        type=LoadItemType.TENSOR,
+        dest_index=MetadataIndex("x"),
+        dest_offsets=torch.Size([0, 0]),
+        storage_index=MetadataIndex("x"),
+        storage_offsets=torch.Size(offsets),
+        lengths=torch.Size(lengths),
+    )
+    target = torch.zeros(lengths, dtype=dtype)
+    with open(tmp_path / "item", "rb") as handle:
+        item = _ItemFile(handle.fileno(), len(padding), len(archive.getvalue()))
+        layout = _item_layout(item)
+        assert layout.storage_offset == 17 and layout.stride == (8, 1)
+        read = _read_direct(handle.fileno(), layout, req, target)
+    expected = view[offsets[0] : offsets[0] + lengths[0], offsets[1] : offsets[1] + lengths[1]]
+    assert torch.equal(target, expected.to(dtype))
+    assert read < 48 * 4  # only the span the region covers
+
+
+def test_progress_line(capsys):
+    progress = _Progress(True, "loading x", delay=0.0)
+    progress.update(300_000_000, 600_000_000)
+    progress.finish(600_000_000, 600_000_000)
+    err = capsys.readouterr().err
+    assert "loading x: 300/600 MB (50%)" in err and "600/600 MB (100%)" in err
+    quiet = _Progress(False, "loading x", delay=0.0)
+    quiet.update(1, 2)
+    quiet.finish(2, 2)
+    assert capsys.readouterr().err == ""
+
+
+# ---- the config's entry points ------------------------------------------------------------------
+
+
+def test_configure_model_loads_settings_then_weights(parallel, tmp_path):
+    source = GPT.with_overrides({"hidden_dropout": 0.25})
+    ckpt = init_checkpoint(source, tmp_path / "src", seed=3)
+    config = GPTModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        initial_ckpt_path=str(ckpt),
+        initial_ckpt_skip_keys_with_these_prefixes=["output_layer."],
+        use_cpu_initialization=True,  # kept: the checkpoint's settings would turn it off
+        override_parent_fields=[*OVERRIDE_BIONEMO_CONFIG_DEFAULTS, "use_cpu_initialization"],
+    )
+    model = config.configure_model()
+    assert (config.hidden_dropout, config.vocab_size) == (0.25, 128)  # from the checkpoint
+    loaded, expected = tensors(model), stored(ckpt)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected if not k.startswith("output_layer."))
+    assert not torch.equal(loaded["output_layer.weight"], expected["output_layer.weight"])
+
+    config.initial_ckpt_path_ignore_weights = True
+    fresh = config.configure_model()
+    assert not torch.equal(
+        tensors(fresh)["embedding.word_embeddings.weight"], expected["embedding.word_embeddings.weight"]
+    )
+
+    report = config.update_model_from_checkpoint(fresh, str(ckpt))
+    assert report.skipped == {"output_layer.weight": "output_layer."}
+    assert torch.equal(
+        tensors(fresh)["embedding.word_embeddings.weight"], expected["embedding.word_embeddings.weight"]
+    )
+
+
+def test_the_seed_loader_and_bioconf_agree(parallel, ckpt):
+    """The seed's path: megatron's stock load with ``module.`` added to every key."""
+    seed_model, model = build(GPT, seed=1), build(GPT, seed=2)
+    sharded = {}
+    for key, value in seed_model.sharded_state_dict().items():
+        if "_extra_state" not in key:
+            if isinstance(value, ShardedTensor):
+                value.key = f"module.{value.key}"
+            sharded[f"module.{key}"] = value
+    dist_checkpointing.load(sharded, str(ckpt / "weights"))
+    load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
+    assert same(tensors(seed_model), tensors(model))
+
+
+# ---- layouts: several processes -----------------------------------------------------------------
+
+
+def test_every_layout_loads_every_other_bit_exactly(tmp_path):
+    """TP=1 -> TP=2, PP=2, PP=2 with virtual pipeline; TP=2 -> TP=1, PP=2; MoE EP=1 -> EP=2 and
+    EP=2 -> TP=2/ETP=1; skip prefixes across pipeline stages. Context parallelism needs Transformer
+    Engine's attention, so it cannot be built on CPU."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free port per run
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_scripts" / "layouts.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.stdout.split() == [
+        word
+        for case in (
+            "tp1->tp2",
+            "tp1->pp2",
+            "tp1->pp2vpp2",
+            "pp2-skip-prefixes",
+            "tp2->tp1",
+            "tp2->pp2",
+            "moe-ep1->ep2",
+            "moe-ep2->tp2etp1",
+        )
+        for word in ("ok", case)
+    ]
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weights_go_straight_to_the_gpu(ckpt):
+    with ensure_parallel_state():
+        runtime = materialize(GPT)
+        from bioconf.runtime.build import build_model
+
+        model = build_model(runtime)
+        assert next(model.parameters()).is_cuda
+        load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
+        loaded = {key: value.cpu() for key, value in tensors(model).items()}
+        assert same(loaded, stored(ckpt))
