@@ -1,7 +1,7 @@
 """The ``bioconf`` command line.
 
 Exit codes (stable, for pipelines): 0 valid / done, 1 invalid config, 2 usage error or
-unreadable input, 3 a checkpoint whose weights do not fit the config (``resolve``).
+unreadable input, 3 a checkpoint whose weights do not fit the config (``resolve``, ``run``).
 ``--format json`` prints one JSON document on stdout.
 """
 
@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -109,6 +110,61 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.files import read_document, validate_document
+    from bioconf.schema.resolve import CheckpointMismatchError
+
+    try:
+        config = validate_document(read_document(args.config), args.overrides)
+    except ConfigError as error:
+        return _report_error(
+            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+        )
+    _silence_library_notices()
+    from bioconf.runtime.run import run
+    from bioconf.runtime.weights import WeightsError
+
+    try:
+        report = run(
+            config,
+            args.checkpoint,
+            policy=args.policy,
+            device=args.device,
+            save=args.save,
+            quiet=args.quiet or args.format == "json",
+        )
+    except (CheckpointMismatchError, WeightsError) as error:
+        return _report_error(error, args.format, EXIT_MISMATCH)
+    except ConfigError as error:
+        return _report_error(
+            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+        )
+    except OSError as error:
+        print(f"cannot save the checkpoint: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if report.rank == 0:
+        if args.format == "json":
+            _print_json(report.to_dict())
+        else:
+            print(report)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from bioconf.demo import run_demo
+
+    _silence_library_notices()
+    return run_demo(Path(args.cache))
+
+
+def _silence_library_notices() -> None:
+    """megatron's notices about optional packages (Apex, Transformer Engine) and torch's deprecation
+    of the ShardedTensor that megatron's checkpoints still use are not the user's business."""
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
 def _report_error(error: Any, fmt: str, status: int) -> int:
     """Print a ConfigError as text on stderr or as one JSON document on stdout; return ``status``."""
     if fmt == "json":
@@ -130,8 +186,7 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     if os.path.exists(args.out) and not args.overwrite:  # before seconds of imports
         print(f"{args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
         return EXIT_USAGE
-    # megatron's notices about optional packages (Apex, Transformer Engine) are not the user's business
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    _silence_library_notices()
     from bioconf.runtime.checkpoint import init_checkpoint
 
     try:
@@ -251,6 +306,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     init.set_defaults(run=cmd_init_checkpoint)
+
+    run = commands.add_parser(
+        "run",
+        help="resolve a config against its checkpoint, build the model, load the weights, report",
+        description="validate -> resolve against the starting checkpoint -> materialize -> build the model "
+        "-> load the sharded weights -> report (and --save). Runs the same under torchrun (rank 0 prints). "
+        "Exit codes: 0 ok, 1 invalid config, 2 usage/IO error, 3 checkpoint does not fit the config.",
+    )
+    run.add_argument("config", metavar="CONFIG", help="config file (.json, .yaml)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    run.add_argument("--checkpoint", metavar="DIR", help="starting checkpoint (default: initial_ckpt_path)")
+    run.add_argument("--policy", choices=("explicit", "seed"), default="explicit")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    run.add_argument("--save", metavar="DIR", help="save the resulting checkpoint to DIR")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--format", choices=("text", "json"), default="text")
+    run.set_defaults(run=cmd_run)
+
+    demo = commands.add_parser(
+        "demo", help="fine-tune a small ESM-2-like checkpoint (made once, locally) and print the report"
+    )
+    demo.add_argument("--cache", default="checkpoints", metavar="DIR", help="where the demo checkpoint lives")
+    demo.set_defaults(run=cmd_demo)
 
     inspect = commands.add_parser(
         "inspect",

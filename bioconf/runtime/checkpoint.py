@@ -124,14 +124,18 @@ def _parallel_sizes(config: Any) -> dict[str, Any]:
 @contextmanager
 def ensure_parallel_state(config: MegatronBioNeMoModelConfig | None = None) -> Iterator[None]:
     """torch.distributed and megatron's parallel state for the duration, so a single-process caller
-    need not set them up: without a process group, a 1-rank group (NCCL with CUDA, gloo otherwise) on
-    a port the OS picks; without megatron parallel state, one with ``config``'s parallel sizes (all 1
-    without a config). Whatever was created here is torn down on exit; what existed is left alone."""
+    need not set them up. Without a process group: one from torchrun's variables, or else a 1-rank
+    group on a port the OS picks (NCCL with CUDA, gloo otherwise). Without megatron parallel state:
+    one with ``config``'s parallel sizes (all 1 without a config). Whatever was created here is torn
+    down on exit; what existed is left alone."""
     created_group = not dist.is_initialized()
     if created_group:
-        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        if "WORLD_SIZE" in os.environ:  # under torchrun: its rendezvous variables
+            dist.init_process_group(backend)
+        else:
+            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)  # port 0: the OS picks a free one
+            dist.init_process_group(backend, store=store, rank=0, world_size=1)
     created_state = not parallel_state.model_parallel_is_initialized()
     try:
         if created_state:

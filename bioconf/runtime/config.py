@@ -71,27 +71,46 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
 
         return load_settings(self, initial_ckpt_path)  # type: ignore[arg-type]
 
-    def update_model_from_checkpoint(self, model: MegatronModule, initial_ckpt_path: str) -> LoadReport:
+    def update_model_from_checkpoint(
+        self, model: MegatronModule, initial_ckpt_path: str, *, quiet: bool = False
+    ) -> LoadReport:
         """Load the checkpoint's weights into ``model`` in place, except keys starting with a prefix in
         ``initial_ckpt_skip_keys_with_these_prefixes``; returns what was loaded and skipped."""
         from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
 
         return load_weights_sharded_inplace_nemo2_to_mcore(
-            model, initial_ckpt_path, set(self.initial_ckpt_skip_keys_with_these_prefixes)
+            model, initial_ckpt_path, set(self.initial_ckpt_skip_keys_with_these_prefixes), quiet=quiet
         )
 
     def configure_model(self, vp_stage: int | None = None) -> MegatronModule:
         """The model for this rank (and virtual pipeline stage). Starting from ``initial_ckpt_path``,
         its settings come first (they fix the shapes), then its weights, unless
         ``initial_ckpt_path_ignore_weights``."""
+        return self.build_and_load(vp_stage).model
+
+    def build_and_load(self, vp_stage: int | None = None, *, quiet: bool = False) -> BuiltModel:
+        """``configure_model`` that also returns what loading the settings and weights did
+        (``quiet``: no progress line while loading)."""
         from bioconf.runtime.build import build_model
 
-        if self.initial_ckpt_path:
-            self.load_settings_from_checkpoint(self.initial_ckpt_path)
+        checkpoint = self.initial_ckpt_path
+        settings = self.load_settings_from_checkpoint(checkpoint) if checkpoint else None
         model = build_model(self, vp_stage)
-        if self.initial_ckpt_path and not self.initial_ckpt_path_ignore_weights:
-            self.update_model_from_checkpoint(model, self.initial_ckpt_path)
-        return model
+        weights = None
+        if checkpoint and not self.initial_ckpt_path_ignore_weights:
+            weights = self.update_model_from_checkpoint(model, checkpoint, quiet=quiet)
+        return BuiltModel(model, settings, weights)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A model built for this rank, with the reports of what came from the starting checkpoint."""
+
+    model: MegatronModule
+    settings: SettingsReport | None
+    """None when the config does not start from a checkpoint."""
+    weights: LoadReport | None
+    """None without a checkpoint, or with ``initial_ckpt_path_ignore_weights``."""
 
 
 @dataclass

@@ -154,9 +154,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
-def save_config(config: ModelConfig, path: str | os.PathLike[str], *, exclude_defaults: bool = True) -> None:
+def save_config(config: ModelConfig, path: str | os.PathLike[str]) -> None:
     """Write the canonical JSON (or YAML, by suffix) of ``config`` atomically."""
-    data = config.to_dict(exclude_defaults=exclude_defaults)
+    data = config.to_dict(exclude_unset=True)  # what was set, so it reloads with the same explicit fields
     if os.fspath(path).endswith(YAML_SUFFIXES):
         import yaml
 

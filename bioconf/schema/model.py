@@ -217,15 +217,23 @@ class ModelConfig(MegatronFields, BaseModel):
         """Megatron's warnings for this config: legal, but probably not what was meant."""
         return [violation.message for violation in rules.rule_warnings(self)]
 
-    def to_dict(self, *, exclude_defaults: bool = False) -> dict[str, Any]:
-        """JSON-ready dict with canonical spellings (tuples as lists, dtypes and enums by name)."""
-        return self.model_dump(mode="json", exclude_defaults=exclude_defaults)
+    def to_dict(self, *, exclude_defaults: bool = False, exclude_unset: bool = False) -> dict[str, Any]:
+        """JSON-ready dict with canonical spellings (tuples as lists, dtypes and enums by name).
 
-    def to_json(self, *, exclude_defaults: bool = False, indent: bool = False) -> bytes:
-        """Canonical JSON: sorted keys, canonical spellings; ``exclude_defaults`` drops values equal
-        to their default. Equal configs give identical bytes."""
+        ``exclude_unset`` keeps only the explicitly set fields: what a user wrote, so the result
+        validates back to a config with the same ``model_fields_set`` (which the "explicit"
+        precedence policy reads). ``exclude_defaults`` drops values equal to their default.
+        """
+        return self.model_dump(mode="json", exclude_defaults=exclude_defaults, exclude_unset=exclude_unset)
+
+    def to_json(
+        self, *, exclude_defaults: bool = False, exclude_unset: bool = False, indent: bool = False
+    ) -> bytes:
+        """Canonical JSON: sorted keys, canonical spellings (options as for ``to_dict``). Equal
+        configs give identical bytes."""
         option = orjson.OPT_SORT_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
-        return orjson.dumps(self.to_dict(exclude_defaults=exclude_defaults), option=option)
+        data = self.to_dict(exclude_defaults=exclude_defaults, exclude_unset=exclude_unset)
+        return orjson.dumps(data, option=option)
 
     def fingerprint(self) -> str:
         """sha256 of the full canonical JSON: two configs that build the same model share it."""
