@@ -250,6 +250,13 @@ class ModelConfig(MegatronFields, BaseModel):
 
         return validate_with_overrides(self.explicit_fields(), overrides)
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the explicitly set fields, grouped as in the UI form."""
+        from bioconf.schema.display import fields_table
+
+        title = f"ModelConfig ({len(self.model_fields_set)} fields set, sha256:{self.fingerprint()[:12]})"
+        return fields_table(title, self.explicit_fields())
+
     def __repr_args__(self) -> Iterable[tuple[str, Any]]:
         # 240 fields is a wall: show only what was set.
         return [(name, getattr(self, name)) for name in self.model_fields if name in self.model_fields_set]

@@ -275,6 +275,19 @@ class ResolvedConfig:
             "fingerprint": self.config.fingerprint(),
         }
 
+    def _repr_html_(self) -> str:
+        """Jupyter: every value not left to its default, grouped, with its source; then the notes."""
+        from html import escape
+
+        from bioconf.schema.display import fields_table
+
+        fields = self.to_dict()["fields"]
+        title = f"Resolved against {self.checkpoint.path.parent.parent} (policy {self.policy})"
+        table = fields_table(
+            title, {n: f["value"] for n, f in fields.items()}, {n: f["source"] for n, f in fields.items()}
+        )
+        return table + "".join(f"<p>note: {escape(note)}</p>" for note in self.notes)
+
 
 # ---- resolve ------------------------------------------------------------------------------------------
 
