@@ -13,6 +13,7 @@ files are dropped from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)`
 median of ``--repeats`` calls, rounds interleaved across the three methods.
 
     .venv/bin/python benchmarks/weights_speed.py [--repeats 5] [--sizes small,large] [--dir DIR]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="small,large", help="comma-separated: " + ", ".join(SIZES))
     parser.add_argument("--dir", type=Path, help="keep the checkpoints here (reused when present)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model lives")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # megatron's deprecation notices while building
 
@@ -146,7 +148,7 @@ def main() -> None:
                 init_checkpoint(config, ckpt, seed=1)
             nbytes = sum(path.stat().st_size for path in shard_files(ckpt))
             runtime = materialize(config)
-            runtime.use_cpu_initialization = True
+            runtime.use_cpu_initialization = args.device == "cpu"
             model, check = build_model(runtime), build_model(runtime)
             seed_load(check, ckpt)
             bioconf_load(model, ckpt)
@@ -163,7 +165,8 @@ def main() -> None:
                     ]
                 )
         print_table(
-            f"Weight loading, one process, {os.cpu_count()} CPUs, median of {args.repeats}",
+            f"Weight loading into a model on {args.device}, one process, {os.cpu_count()} CPUs, "
+            f"median of {args.repeats}",
             ["model", "page cache", "seed", "bioconf", "file read", "bioconf vs seed", "bioconf / limit"],
             rows,
         )
