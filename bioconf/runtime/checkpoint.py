@@ -35,6 +35,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 
+from bioconf.schema.files import fsync_path, replace_directory
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.nemo_context import write_checkpoint_context
 
@@ -188,39 +189,14 @@ def _sync_tree(path: Path) -> None:
     """fsync every file under ``path`` and the folders themselves: the rename publishes only data on disk."""
     for folder, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder)
 
 
 def _publish(staging: Path, target: Path, overwrite: bool) -> None:
-    """Rename ``staging`` to ``target``; an old ``target`` (``overwrite``) is renamed aside first and
-    deleted last, and put back if the second rename fails."""
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target}: already exists; pass overwrite=True to replace it")
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
-    fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target}: already exists; pass overwrite=True to replace it")
+    replace_directory(staging, target)
 
 
 def _broadcast(value: Any) -> Any:

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -43,6 +42,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
 from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError, issues_from_validation
+from bioconf.schema.files import fsync_path, replace_directory
 from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.names import ACTIVATIONS, activation_from_import, canonical_dtype
@@ -573,14 +573,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _sync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint_context(
     config: ModelConfig, ckpt_dir: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
@@ -614,19 +606,8 @@ def write_checkpoint_context(
     try:
         _write_synced(staging / "io.json", io_json)
         _write_synced(staging / "model.yaml", _model_yaml(config, class_path))
-        _sync_dir(staging)
-        if context.exists():
-            old = ckpt / f".context.old-{uuid.uuid4().hex}"
-            os.rename(context, old)
-            try:
-                os.rename(staging, context)
-            except BaseException:
-                os.rename(old, context)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, context)
-        _sync_dir(ckpt)
+        fsync_path(staging)
+        replace_directory(staging, context)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
