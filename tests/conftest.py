@@ -22,6 +22,15 @@ def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
 
 
 @pytest.fixture
+def parallel():
+    """A 1-rank gloo group and megatron parallel state, as a single-process user would have."""
+    from bioconf.runtime.checkpoint import ensure_parallel_state
+
+    with ensure_parallel_state():
+        yield
+
+
+@pytest.fixture
 def small_gpt() -> dict:
     return {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
 

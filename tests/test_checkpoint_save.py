@@ -26,7 +26,6 @@ from bioconf.runtime import GPTModelConfig, materialize, to_schema
 from bioconf.runtime.checkpoint import (
     CONTENT_METADATA,
     CpuTorchDistSaveStrategy,
-    ensure_parallel_state,
     init_checkpoint,
     nemo_sharded_state_dict,
     save_checkpoint,
@@ -36,12 +35,6 @@ from bioconf.schema import ModelConfig
 from bioconf.schema.nemo_context import read_checkpoint_config
 
 GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
-
-
-@pytest.fixture
-def parallel():
-    with ensure_parallel_state():
-        yield
 
 
 class Holder(pl.LightningModule):

@@ -40,13 +40,6 @@ from bioconf.schema import ModelConfig
 GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
 
 
-@pytest.fixture
-def parallel():
-    """A 1-rank gloo group and megatron parallel state, as a single-process user would have."""
-    with ensure_parallel_state():
-        yield
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     return init_checkpoint(GPT, tmp_path_factory.mktemp("ckpt") / "gpt", seed=7)
