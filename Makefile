@@ -21,7 +21,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check bioconf tests benchmarks tools examples
 	$(VENV)/bin/ruff format --check bioconf tests benchmarks tools examples
 
-test: lint
+# The editor page's browser test drives Debian's chromium: Playwright's own browser downloads are not
+# reachable from CI. Installed once (as root); a failed install stops `make test` rather than skip the test.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+test: lint $(CHROMIUM)
 	$(PY) -m pytest -n 2 -q
 
 # Fine-tunes a small ESM-2-like checkpoint (created once under checkpoints/) and prints the report.

@@ -1,6 +1,7 @@
 """Loading a checkpoint's weights: the seed's path vs bioconf's loader vs reading the shard files.
 
-One process, one checkpoint per model size (written by ``init_checkpoint``), the same model:
+One checkpoint per model size (written by ``init_checkpoint`` for one process), loaded by one
+process and by several (``--nproc``), the same model:
 
 - seed: what BioNeMo's loader does: ``module.`` added to every key of ``model.sharded_state_dict()``,
   then megatron-core's ``dist_checkpointing.load`` with its default torch_dist strategy
@@ -8,19 +9,28 @@ One process, one checkpoint per model size (written by ``init_checkpoint``), the
 - bioconf: ``load_weights_sharded_inplace_nemo2_to_mcore`` (checks first, then the direct reader);
 - file read: the physical limit, every ``.distcp`` file read start to end in 8 MiB ``readinto`` calls.
 
+n processes (torchrun, gloo, one OpenMP thread each, launched by this script running
+``_weights_worker.py``) each hold their part of the model at tensor_model_parallel_size=n and load
+it from the same checkpoint; a call starts at a barrier and ends at the next, so it lasts until the
+slowest rank is done. The file read stays one process reading every file once (rank 0; the others
+wait), the limit for any number of processes sharing one disk and page cache.
+
 Warm: the files are in the page cache (one untimed round first). Cold: before each timed call the
 files are dropped from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)``. Each cell is the
 median of ``--repeats`` calls, rounds interleaved across the three methods.
 
-    .venv/bin/python benchmarks/weights_speed.py [--repeats 5] [--sizes small,large] [--dir DIR]
-        [--device cuda]
+    .venv/bin/python benchmarks/weights_speed.py [--repeats 5] [--sizes small,large] [--nproc 1,2]
+        [--dir DIR] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -44,6 +54,9 @@ with warnings.catch_warnings():  # megatron's notices about Apex and Transformer
     )
     from bioconf.runtime.build import build_model
     from bioconf.runtime.materialize import materialize
+
+WORKER = Path(__file__).with_name("_weights_worker.py")
+CACHES = ("warm", "cold")
 
 SIZES = {
     # ~28 MB of fp32 weights
@@ -106,17 +119,28 @@ METHODS: dict[str, Callable[[object, Path], None]] = {
 }
 
 
-def measure(model, ckpt: Path, cold: bool, repeats: int) -> dict[str, float]:
-    samples: dict[str, list[float]] = {name: [] for name in METHODS}
+def measure(
+    model,
+    ckpt: Path,
+    cold: bool,
+    repeats: int,
+    methods: dict[str, Callable[[object, Path], None]] = METHODS,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Median seconds per method. ``sync`` (a barrier, with several processes) brackets every timed
+    call, so that a call lasts from a common start until the slowest rank is done."""
+    samples: dict[str, list[float]] = {name: [] for name in methods}
     if not cold:
-        for fn in METHODS.values():
+        for fn in methods.values():
             fn(model, ckpt)
     for _ in range(repeats):
-        for name, fn in METHODS.items():
+        for name, fn in methods.items():
             if cold:
                 drop_cache(ckpt)
+            sync()
             start = time.perf_counter()
             fn(model, ckpt)
+            sync()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
@@ -129,45 +153,99 @@ def same_weights(a, b) -> bool:
     )
 
 
+def checkpoint_path(root: Path, size: str) -> Path:
+    return root / f"weights-speed-{size}"
+
+
+def one_process(config: ModelConfig, ckpt: Path, device: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Seconds per page-cache state and method, after checking that the two loaders agree."""
+    runtime = materialize(config)
+    runtime.use_cpu_initialization = device == "cpu"
+    model, check = build_model(runtime), build_model(runtime)
+    seed_load(check, ckpt)
+    bioconf_load(model, ckpt)
+    assert same_weights(model, check), "the two loaders disagree"
+    return {cache: measure(model, ckpt, cache == "cold", repeats) for cache in CACHES}
+
+
+def several_processes(
+    nproc: int, sizes: list[str], root: Path, out: Path, device: str, repeats: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Seconds per size, page-cache state and method for ``nproc`` torchrun workers (rank 0 writes
+    them to ``out``); one launch for all sizes, since starting the workers takes longer than a load."""
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"),
+        *(str(WORKER), "--sizes", ",".join(sizes), "--repeats", str(repeats), "--dir", str(root)),
+        *("--device", device, "--out", str(out)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(
+            f"{nproc} workers failed ({done.returncode}):\n{done.stdout[-5000:]}{done.stderr[-5000:]}"
+        )
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sizes", default="small,large", help="comma-separated: " + ", ".join(SIZES))
     parser.add_argument("--dir", type=Path, help="keep the checkpoints here (reused when present)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model lives")
+    parser.add_argument(
+        "--nproc", default="1,2", help="comma-separated process counts; n > 1 loads at tensor parallel size n"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # megatron's deprecation notices while building
 
-    with tempfile.TemporaryDirectory() as scratch, ensure_parallel_state():
+    sizes, nprocs = args.sizes.split(","), [int(n) for n in args.nproc.split(",")]
+
+    with tempfile.TemporaryDirectory() as scratch:
         root = args.dir or Path(scratch)
+        timings: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
+        with ensure_parallel_state():
+            for size in sizes:
+                if not checkpoint_path(root, size).exists():
+                    init_checkpoint(SIZES[size], checkpoint_path(root, size), seed=1)
+            if 1 in nprocs:
+                timings[1] = {
+                    size: one_process(SIZES[size], checkpoint_path(root, size), args.device, args.repeats)
+                    for size in sizes
+                }
+        for nproc in nprocs:
+            if nproc > 1:
+                out = Path(scratch) / f"timings-{nproc}.json"
+                timings[nproc] = several_processes(nproc, sizes, root, out, args.device, args.repeats)
         rows = []
-        for size in args.sizes.split(","):
-            config = SIZES[size]
-            ckpt = root / f"weights-speed-{size}"
-            if not ckpt.exists():
-                init_checkpoint(config, ckpt, seed=1)
-            nbytes = sum(path.stat().st_size for path in shard_files(ckpt))
-            runtime = materialize(config)
-            runtime.use_cpu_initialization = args.device == "cpu"
-            model, check = build_model(runtime), build_model(runtime)
-            seed_load(check, ckpt)
-            bioconf_load(model, ckpt)
-            assert same_weights(model, check), "the two loaders disagree"
-            for cache in ("warm", "cold"):
-                t = measure(model, ckpt, cache == "cold", args.repeats)
-                rows.append(
-                    [
-                        f"{size} ({nbytes / 1e6:,.0f} MB)",
-                        cache,
-                        *(f"{t[name]:.3f} s ({nbytes / t[name] / 1e9:.2f} GB/s)" for name in METHODS),
-                        f"{t['seed'] / t['bioconf']:.2f}x",
-                        f"{t['file read'] / t['bioconf']:.0%}",
-                    ]
-                )
+        for size in sizes:
+            nbytes = sum(path.stat().st_size for path in shard_files(checkpoint_path(root, size)))
+            for nproc in nprocs:
+                for cache in CACHES:
+                    t = timings[nproc][size][cache]
+                    rows.append(
+                        [
+                            f"{size} ({nbytes / 1e6:,.0f} MB)",
+                            nproc,
+                            cache,
+                            *(f"{t[name]:.3f} s ({nbytes / t[name] / 1e9:.2f} GB/s)" for name in METHODS),
+                            f"{t['seed'] / t['bioconf']:.2f}x",
+                            f"{t['file read'] / t['bioconf']:.0%}",
+                        ]
+                    )
         print_table(
-            f"Weight loading into a model on {args.device}, one process, {os.cpu_count()} CPUs, "
-            f"median of {args.repeats}",
-            ["model", "page cache", "seed", "bioconf", "file read", "bioconf vs seed", "bioconf / limit"],
+            f"Weight loading into a model on {args.device}, {os.cpu_count()} CPUs, median of {args.repeats}; "
+            "n processes load at tensor parallel size n, timed until the slowest rank is done",
+            [
+                "model",
+                "processes",
+                "page cache",
+                "seed",
+                "bioconf",
+                "file read",
+                "bioconf vs seed",
+                "bioconf / limit",
+            ],
             rows,
         )
 

@@ -60,6 +60,21 @@ def test_unreadable_input(tmp_path, name, text, kind, line):
     assert (issue.type, issue.line, issue.source) == (kind, line, str(path))
 
 
+@pytest.mark.parametrize("value", ["123456789012345678901234567890", ".nan", ".inf", "[1, -.inf]"])
+def test_yaml_numbers_json_cannot_hold_are_errors(tmp_path, value):
+    path = tmp_path / "big.yaml"
+    path.write_text(f"num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\nwindow_size: {value}\n")
+    with pytest.raises(ConfigReadError) as excinfo:
+        load_config(path)
+    (issue,) = excinfo.value.issues
+    assert (issue.type, issue.field, issue.line) == ("number_out_of_range", "window_size", 4)
+
+
+def test_non_finite_floats_are_rejected_in_python_too():
+    with pytest.raises(ValueError, match="finite"):
+        ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=float("nan"))
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigReadError, match="cannot read file: No such file"):
         load_config(tmp_path / "nope.json")

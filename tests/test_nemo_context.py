@@ -254,11 +254,19 @@ def test_reader_accepts_context_folder_and_io_json(tmp_path: Path) -> None:
         assert read.config == config and read.path == io_json
 
 
-def test_non_finite_floats_round_trip(tmp_path: Path) -> None:
-    config = _config(init_method_std=math.inf, softmax_scale=-math.inf)
-    io_json = write_checkpoint_context(config, tmp_path)
-    assert b"Infinity" in io_json.read_bytes()  # as fiddle (json.dumps) writes it
-    assert read_checkpoint_config(tmp_path).config == config
+def test_non_finite_floats_in_a_context_are_named(tmp_path: Path) -> None:
+    """fiddle writes ``Infinity`` (json.dumps); JSON configs have no such value: an error naming the field."""
+    write_checkpoint_context(_config(init_method_std=0.01), tmp_path)
+
+    def infinite_std(document: dict[str, Any]) -> dict[str, Any]:
+        _argument(document, "init_method_std")["value"] = math.inf
+        return document
+
+    io_json = _edit_io_json(tmp_path, infinite_std)
+    assert b"Infinity" in io_json.read_bytes()
+    with pytest.raises(ConfigError) as excinfo:
+        read_checkpoint_config(tmp_path)
+    assert excinfo.value.issues[0].field == "init_method_std"
 
 
 def test_schema_module_imports_no_torch_fiddle_nemo(tmp_path: Path) -> None:

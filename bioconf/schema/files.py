@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -43,7 +44,7 @@ def read_document(path: str | os.PathLike[str]) -> ConfigDocument:
             [ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)]
         ) from None
     if source.endswith(YAML_SUFFIXES):
-        return _parse_yaml(raw, source)
+        return parse_yaml_document(raw, source)
     return parse_json_document(raw, source)
 
 
@@ -65,10 +66,12 @@ def parse_json_document(raw: bytes | str, source: str) -> ConfigDocument:
     return ConfigDocument(source, data, key_lines)
 
 
-def _parse_yaml(raw: bytes, source: str) -> ConfigDocument:
+def parse_yaml_document(raw: bytes, source: str) -> ConfigDocument:
+    """Parse YAML safely (no Python tags) into a mapping with the line of each top-level key; values
+    JSON cannot hold (integers beyond 64 bits, NaN, infinity) are errors, as they are in JSON."""
     import yaml  # only YAML input pays for the import
 
-    class Loader(yaml.SafeLoader):
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser where installed
         """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``), as JSON does."""
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
@@ -108,7 +111,36 @@ def _parse_yaml(raw: bytes, source: str) -> ConfigDocument:
         lines.setdefault(key_node.value, key_node.start_mark.line + 1)
     if duplicates:
         raise ConfigReadError(duplicates)
+    outside = [(key, value) for key, value in data.items() if not _json_number_safe(value)]
+    if outside:
+        raise ConfigReadError(
+            [
+                ConfigIssue(
+                    "a number JSON cannot hold (beyond 64 bits, NaN or infinity)",
+                    "number_out_of_range",
+                    loc=(key,),
+                    input=repr(value),
+                    source=source,
+                    line=lines.get(key),
+                )
+                for key, value in outside
+            ]
+        )
     return ConfigDocument(source, data, lines.get)
+
+
+def _json_number_safe(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return -(2**63) <= value < 2**64
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_json_number_safe(item) for item in value)
+    if isinstance(value, dict):
+        return all(_json_number_safe(item) for item in value.values())
+    return True
 
 
 def _require_mapping(data: Any, source: str) -> None:

@@ -14,6 +14,7 @@ Instances are frozen values: derive new ones with ``with_overrides``.
 
 import difflib
 import hashlib
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Final, Literal
 
@@ -81,6 +82,8 @@ class ModelConfig(MegatronFields, BaseModel):
         strict=True,
         frozen=True,
         title="bioconf ModelConfig",
+        # JSON has no NaN or infinity: a config that canonical JSON cannot hold is not accepted.
+        allow_inf_nan=False,
     )
 
     model_cls: ModelClass = Field(
@@ -182,7 +185,7 @@ class ModelConfig(MegatronFields, BaseModel):
     @classmethod
     def _unique_prefixes(cls, prefixes: list[str]) -> list[str]:
         if len(set(prefixes)) != len(prefixes):
-            duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
+            duplicates = sorted(p for p, count in Counter(prefixes).items() if count > 1)
             raise PydanticCustomError(
                 "duplicate_name", "skip prefixes listed twice: {names}", {"names": ", ".join(duplicates)}
             )
