@@ -263,6 +263,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field (KEY+=VALUE appends to a list); repeatable; VALUE is JSON or a plain string",
+    )
+
+
+def _add_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format", choices=("text", "json"), default="text", help="text for people, json for pipelines"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bioconf",
@@ -280,15 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument(
         "files", nargs="+", metavar="FILE", help="config file (.json, .yaml); '-' reads JSON from stdin"
     )
-    validate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field (KEY+=VALUE appends to a list); repeatable; VALUE is JSON or a plain string",
-    )
-    validate.add_argument("--format", choices=("text", "json"), default="text")
+    _add_overrides(validate)
+    _add_format(validate)
     validate.set_defaults(run=cmd_validate)
 
     resolve = commands.add_parser(
@@ -309,15 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed: keep only override_parent_fields (BioNeMo's rule); explicit (default): also keep "
         "every field the config sets",
     )
-    resolve.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of CONFIG (KEY+=VALUE appends to a list); repeatable",
-    )
-    resolve.add_argument("--format", choices=("text", "json"), default="text")
+    _add_overrides(resolve)
+    _add_format(resolve)
     resolve.set_defaults(run=cmd_resolve)
 
     init = commands.add_parser(
@@ -330,14 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("config", metavar="CONFIG", help="config file (.json, .yaml)")
     init.add_argument("out", metavar="OUT", help="checkpoint directory to create")
     init.add_argument("--seed", type=int, default=1234, help="seed of the initialization (default 1234)")
-    init.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field of CONFIG (KEY+=VALUE appends to a list); repeatable",
-    )
+    _add_overrides(init)
     init.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     init.set_defaults(run=cmd_init_checkpoint)
 
@@ -349,13 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 invalid config, 2 usage/IO error, 3 checkpoint does not fit the config.",
     )
     run.add_argument("config", metavar="CONFIG", help="config file (.json, .yaml)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_overrides(run)
     run.add_argument("--checkpoint", metavar="DIR", help="starting checkpoint (default: initial_ckpt_path)")
     run.add_argument("--policy", choices=("explicit", "seed"), default="explicit")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--save", metavar="DIR", help="save the resulting checkpoint to DIR")
     run.add_argument("--quiet", action="store_true", help="no progress line")
-    run.add_argument("--format", choices=("text", "json"), default="text")
+    _add_format(run)
     run.set_defaults(run=cmd_run)
 
     demo = commands.add_parser(
@@ -369,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a checkpoint's model config and tensors (read as data: nothing it names is imported)",
     )
     inspect.add_argument("checkpoint", metavar="CKPT", help="NeMo 2 checkpoint directory")
-    inspect.add_argument("--format", choices=("text", "json"), default="text")
+    _add_format(inspect)
     inspect.set_defaults(run=cmd_inspect)
 
     schema = commands.add_parser("schema", help="print the JSON Schema (draft 2020-12) of the config")
