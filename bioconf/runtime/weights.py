@@ -477,6 +477,13 @@ class _DirectLoadStrategy(TorchDistLoadShardedStrategy):
 # ---- the loader ---------------------------------------------------------------------------------------
 
 
+def _reader_threads() -> int:
+    """Up to 4 reader threads per process, sharing the cores with the other processes on this node
+    (torchrun's LOCAL_WORLD_SIZE): more threads than cores only adds contention."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(4, (os.cpu_count() or 1) // per_node))
+
+
 def weights_dir(checkpoint_dir: str | os.PathLike[str]) -> Path:
     """``<ckpt>/weights``; a path that already is a weights folder is taken as it is."""
     path = Path(checkpoint_dir)
@@ -694,7 +701,7 @@ def load_weights_sharded_inplace_nemo2_to_mcore(
         _agree(request, metadata, skip, strict, source)
         rank = dist.get_rank()
         progress = _Progress(not quiet and rank == 0, f"loading {source}")
-        strategy = _DirectLoadStrategy(metadata, progress, threads=min(4, os.cpu_count() or 1))
+        strategy = _DirectLoadStrategy(metadata, progress, threads=_reader_threads())
         requested = (
             request.state_dicts[0]
             if len(chunks) == 1
