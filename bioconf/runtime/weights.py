@@ -25,6 +25,7 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -303,10 +304,17 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _read_direct(fd: int, layout: _TensorLayout, req: ReadItem, target: torch.Tensor) -> int:
+def _read_direct(
+    fd: int,
+    layout: _TensorLayout,
+    req: ReadItem,
+    target: torch.Tensor,
+    scratch: Callable[[int], torch.Tensor] | None = None,
+) -> int:
     """Copy the requested region of a stored tensor into ``target``; returns bytes read. Reads only
     the span of storage the region covers, straight into ``target`` when it is one contiguous run of
-    the same dtype in host memory."""
+    the same dtype in host memory, else through a byte buffer (``scratch(nbytes)`` when given: a
+    fresh allocation per tensor costs a page fault per 4 KiB, every load)."""
     lengths = tuple(req.lengths)
     if any(n == 0 for n in lengths):
         return 0
@@ -323,7 +331,7 @@ def _read_direct(fd: int, layout: _TensorLayout, req: ReadItem, target: torch.Te
         if _pread_into(fd, view, offset) != len(view):
             raise OSError(f"short read at byte {offset}")
         return len(view)
-    buffer = torch.empty(span * itemsize, dtype=torch.uint8)
+    buffer = scratch(span * itemsize) if scratch else torch.empty(span * itemsize, dtype=torch.uint8)
     if _pread_into(fd, memoryview(buffer.numpy()), offset) != buffer.numel():
         raise OSError(f"short read at byte {offset}")
     source = buffer.view(layout.dtype).as_strided(lengths, tuple(s for s in layout.stride))
@@ -421,13 +429,20 @@ class _DirectReader(FileSystemReader):
 
     def _run(self, jobs: list[tuple[int, Any, ReadItem, torch.Tensor]]) -> None:
         total = sum(storage.length for _, storage, _, _ in jobs)
-        lock, done = threading.Lock(), [0]
+        lock, done, local = threading.Lock(), [0], threading.local()
+
+        def scratch(nbytes: int) -> torch.Tensor:
+            """One byte buffer per thread for the whole load, grown as needed."""
+            buffer = getattr(local, "buffer", None)
+            if buffer is None or buffer.numel() < nbytes:
+                buffer = local.buffer = torch.empty(nbytes, dtype=torch.uint8)
+            return buffer[:nbytes]
 
         def read(fd: int, storage: Any, req: ReadItem, target: torch.Tensor) -> None:
             item = _ItemFile(fd, storage.offset, storage.length)
             stock = False
             try:
-                n = _read_direct(fd, _item_layout(item), req, target) + item.bytes_read
+                n = _read_direct(fd, _item_layout(item), req, target, scratch) + item.bytes_read
             except _Unsupported:
                 n, stock = _read_stock(fd, storage, req, target) + item.bytes_read, True
             with lock:
