@@ -32,7 +32,7 @@ def _print_json(document: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.errors import ConfigError
     from bioconf.schema.files import parse_json_document, read_document, validate_document
 
     results: list[dict[str, Any]] = []
@@ -48,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             config = validate_document(document, args.overrides)
         except ConfigError as error:
             result["errors"] = error.to_list()
-            status = max(status, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID)
+            status = max(status, _exit_code(error))
             if args.format == "text":
                 print(error, file=sys.stderr)
         else:
@@ -80,7 +80,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.errors import ConfigError
     from bioconf.schema.files import read_document, validate_document
     from bioconf.schema.resolve import CheckpointMismatchError, resolve
 
@@ -90,9 +90,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         if isinstance(error, CheckpointMismatchError):
             return _report_error(error, args.format, EXIT_MISMATCH)
-        return _report_error(
-            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
-        )
+        return _report_error(error, args.format, _exit_code(error))
     report = resolved.to_dict()
     if args.format == "json":
         _print_json(report)
@@ -103,29 +101,25 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from bioconf.inspect import format_inspection, inspect_checkpoint
-    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.errors import ConfigError
 
     try:
         result = inspect_checkpoint(args.checkpoint)
     except ConfigError as error:
-        return _report_error(
-            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
-        )
+        return _report_error(error, args.format, _exit_code(error))
     sys.stdout.write(format_inspection(result, args.format))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.errors import ConfigError
     from bioconf.schema.files import read_document, validate_document
     from bioconf.schema.resolve import CheckpointMismatchError
 
     try:
         config = validate_document(read_document(args.config), args.overrides)
     except ConfigError as error:
-        return _report_error(
-            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
-        )
+        return _report_error(error, args.format, _exit_code(error))
     _silence_library_notices()
     from bioconf.runtime.run import run
     from bioconf.runtime.weights import WeightsError
@@ -142,9 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (CheckpointMismatchError, WeightsError) as error:
         return _report_error(error, args.format, EXIT_MISMATCH)
     except ConfigError as error:
-        return _report_error(
-            error, args.format, EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
-        )
+        return _report_error(error, args.format, _exit_code(error))
     except OSError as error:
         print(f"cannot save the checkpoint: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -170,6 +162,13 @@ def _silence_library_notices() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
+def _exit_code(error: Any) -> int:
+    """2 for input that could not be read at all, 1 for a config that was read and is invalid."""
+    from bioconf.schema.errors import ConfigReadError
+
+    return EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+
+
 def _report_error(error: Any, fmt: str, status: int) -> int:
     """Print a ConfigError as text on stderr or as one JSON document on stdout; return ``status``."""
     if fmt == "json":
@@ -180,14 +179,14 @@ def _report_error(error: Any, fmt: str, status: int) -> int:
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError, ConfigReadError
+    from bioconf.schema.errors import ConfigError
     from bioconf.schema.files import read_document, validate_document
 
     try:
         config = validate_document(read_document(args.config), args.overrides)
     except ConfigError as error:
         print(error, file=sys.stderr)
-        return EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
+        return _exit_code(error)
     if os.path.exists(args.out) and not args.overwrite:  # before seconds of imports
         print(f"{args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
         return EXIT_USAGE

@@ -39,10 +39,10 @@ def to_megatron_value(name: str, value: Any) -> Any:
         return getattr(torch, value)
     if name == "activation_func":
         module, attribute = ACTIVATIONS[value]
-        return getattr(importlib.import_module(module), attribute)
+        return import_object(f"{module}:{attribute}")
     if name in ENUM_FIELDS:
         module, enum_class = ENUM_FIELDS[name]
-        return getattr(importlib.import_module(module), enum_class)[value]
+        return import_object(f"{module}:{enum_class}")[value]
     if isinstance(value, list):
         return list(value)  # a fresh list: megatron may mutate it
     return value
