@@ -31,7 +31,7 @@ from weights_speed import (  # first: it imports megatron with its notices silen
 
 from bioconf.runtime import ensure_parallel_state
 from bioconf.runtime.build import build_model
-from bioconf.runtime.materialize import materialize
+from bioconf.runtime.config import materialize
 
 
 def rank0_file_read(model, ckpt: Path) -> None:

@@ -41,7 +41,8 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
     from conftest import nemo_dump
 
     from bioconf.runtime import BertModelConfig
-    from bioconf.schema import ModelConfig, write_checkpoint_context
+    from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.schema import ModelConfig
 
     fields = {
         "num_layers": 6,
@@ -61,7 +62,7 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
 
 
 def in_process(checkpoints: dict[str, Path]) -> None:
-    from bioconf.schema import read_checkpoint_config
+    from bioconf.checkpoint.context import read_checkpoint_config
 
     rows = []
     for label, ckpt in checkpoints.items():

@@ -60,7 +60,7 @@ def in_process() -> None:
         warnings.simplefilter("ignore")
         from megatron.core.transformer.transformer_config import TransformerConfig
 
-        from bioconf.runtime.materialize import to_megatron_kwargs
+        from bioconf.runtime.values import to_megatron_kwargs
 
     kwargs = to_megatron_kwargs(
         ModelConfig.model_validate(user), only_megatron_fields=True, explicit_only=False

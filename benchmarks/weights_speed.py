@@ -53,7 +53,7 @@ with warnings.catch_warnings():  # megatron's notices about Apex and Transformer
         load_weights_sharded_inplace_nemo2_to_mcore,
     )
     from bioconf.runtime.build import build_model
-    from bioconf.runtime.materialize import materialize
+    from bioconf.runtime.config import materialize
 
 WORKER = Path(__file__).with_name("_weights_worker.py")
 CACHES = ("warm", "cold")

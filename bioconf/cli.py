@@ -22,8 +22,8 @@ import orjson
 # set PYDANTIC_DISABLE_PLUGINS themselves (this only fills in a default).
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-EXIT_MISMATCH = 3
+# Exit codes and error classes come from bioconf.errors (pure: no pydantic model is built).
+from bioconf.errors import EXIT_OK, BioconfError, OutputError, UsageError
 
 
 def _print_json(document: Any) -> None:
@@ -32,7 +32,6 @@ def _print_json(document: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError
     from bioconf.schema.files import parse_json_document, read_document, validate_document
 
     results: list[dict[str, Any]] = []
@@ -46,9 +45,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 else read_document(path)
             )
             config = validate_document(document, args.overrides)
-        except ConfigError as error:
+        except BioconfError as error:
             result["errors"] = error.to_list()
-            status = max(status, _exit_code(error))
+            status = max(status, error.exit_code)
             if args.format == "text":
                 print(error, file=sys.stderr)
         else:
@@ -64,7 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from bioconf.schema.files import write_atomic
+    from bioconf.fs import write_atomic
     from bioconf.schema.json_schema import json_schema
 
     payload = orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
@@ -74,23 +73,19 @@ def cmd_schema(args: argparse.Namespace) -> int:
         try:
             write_atomic(args.output, payload)
         except OSError as error:
-            print(f"{args.output}: cannot write: {error.strerror}", file=sys.stderr)
-            return EXIT_USAGE
+            return _report_error(_cannot_write(args.output, error), "text")
     return EXIT_OK
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError
+    from bioconf.resolve import resolve
     from bioconf.schema.files import read_document, validate_document
-    from bioconf.schema.resolve import CheckpointMismatchError, resolve
 
     try:
         config = validate_document(read_document(args.config), args.overrides)
         resolved = resolve(config, args.checkpoint, args.policy)
-    except ConfigError as error:
-        if isinstance(error, CheckpointMismatchError):
-            return _report_error(error, args.format, EXIT_MISMATCH)
-        return _report_error(error, args.format, _exit_code(error))
+    except BioconfError as error:
+        return _report_error(error, args.format)
     report = resolved.to_dict()
     if args.format == "json":
         _print_json(report)
@@ -100,29 +95,25 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from bioconf.inspect import format_inspection, inspect_checkpoint
-    from bioconf.schema.errors import ConfigError
+    from bioconf.checkpoint.inspection import format_inspection, inspect_checkpoint
 
     try:
         result = inspect_checkpoint(args.checkpoint)
-    except ConfigError as error:
-        return _report_error(error, args.format, _exit_code(error))
+    except BioconfError as error:
+        return _report_error(error, args.format)
     sys.stdout.write(format_inspection(result, args.format))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError
     from bioconf.schema.files import read_document, validate_document
-    from bioconf.schema.resolve import CheckpointMismatchError
 
     try:
         config = validate_document(read_document(args.config), args.overrides)
-    except ConfigError as error:
-        return _report_error(error, args.format, _exit_code(error))
+    except BioconfError as error:
+        return _report_error(error, args.format)
     _silence_library_notices()
     from bioconf.runtime.run import run
-    from bioconf.runtime.weights import WeightsError
 
     try:
         report = run(
@@ -133,13 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             save=args.save,
             quiet=args.quiet or args.format == "json",
         )
-    except (CheckpointMismatchError, WeightsError) as error:
-        return _report_error(error, args.format, EXIT_MISMATCH)
-    except ConfigError as error:
-        return _report_error(error, args.format, _exit_code(error))
+    except BioconfError as error:
+        return _report_error(error, args.format)
     except OSError as error:
-        print(f"cannot save the checkpoint: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report_error(_cannot_write(args.save, error), args.format)
     if report.rank == 0:
         if args.format == "json":
             _print_json(report.to_dict())
@@ -162,45 +150,37 @@ def _silence_library_notices() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
-def _exit_code(error: Any) -> int:
-    """2 for input that could not be read at all, 1 for a config that was read and is invalid."""
-    from bioconf.schema.errors import ConfigReadError
-
-    return EXIT_USAGE if isinstance(error, ConfigReadError) else EXIT_INVALID
-
-
-def _report_error(error: Any, fmt: str, status: int) -> int:
-    """Print a ConfigError as text on stderr or as one JSON document on stdout; return ``status``."""
+def _report_error(error: BioconfError, fmt: str) -> int:
+    """Print an error as text on stderr or as one JSON document on stdout; return its exit code."""
     if fmt == "json":
-        _print_json({"ok": False, "exit_code": status, "errors": error.to_list()})
+        _print_json({"ok": False, "exit_code": error.exit_code, "errors": error.to_list()})
     else:
         print(error, file=sys.stderr)
-    return status
+    return error.exit_code
+
+
+def _cannot_write(path: Any, error: OSError) -> OutputError:
+    return OutputError.one(f"cannot write: {error.strerror or error}", "write_error", source=path)
 
 
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
-    from bioconf.schema.errors import ConfigError
+    from bioconf.fs import refuse_existing
     from bioconf.schema.files import read_document, validate_document
 
     try:
         config = validate_document(read_document(args.config), args.overrides)
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return _exit_code(error)
-    if os.path.exists(args.out) and not args.overwrite:  # before seconds of imports
-        print(f"{args.out}: already exists; pass --overwrite to replace it", file=sys.stderr)
-        return EXIT_USAGE
+        refuse_existing(args.out, args.overwrite)  # before seconds of imports
+    except BioconfError as error:
+        return _report_error(error, "text")
     _silence_library_notices()
-    from bioconf.runtime.checkpoint import init_checkpoint
+    from bioconf.runtime.initialize import init_checkpoint
 
     try:
         out = init_checkpoint(config, args.out, seed=args.seed, overwrite=args.overwrite)
-    except ConfigError as error:  # megatron's environment-dependent checks, at build time
-        print(error, file=sys.stderr)
-        return EXIT_INVALID
+    except BioconfError as error:  # megatron's environment-dependent checks, at build time
+        return _report_error(error, "text")
     except OSError as error:
-        print(f"{args.out}: cannot write the checkpoint: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return _report_error(_cannot_write(args.out, error), "text")
     size = sum(f.stat().st_size for f in (out / "weights").iterdir())
     print(f"{out}: initialized from seed {args.seed} ({size / 1e6:,.1f} MB of weights)")
     return EXIT_OK
@@ -208,10 +188,10 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 
 def _print_resolved(report: dict[str, Any]) -> None:
     """The fields not left to their default as an aligned table, by source, then the notes."""
-    from bioconf.schema.resolve import SOURCES
+    from bioconf.resolve import SOURCES
 
     checkpoint = report["checkpoint"]
-    print(f"checkpoint: {checkpoint['path']} ({checkpoint['class']})")
+    print(f"checkpoint: {checkpoint['directory']} ({checkpoint['class']}, read from {checkpoint['path']})")
     print(f"policy: {report['policy']} ({len(report['keep'])} fields kept)")
     print(f"fingerprint: sha256:{report['fingerprint']}")
     rows = [("field", "value", "source")]
@@ -239,11 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from bioconf.service import ServiceSettings, create_app
     except ImportError as error:
-        print(
-            f"bioconf serve needs the service extra: pip install 'bioconf[service]' ({error})",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+        message = f"bioconf serve needs the service extra: pip install 'bioconf[service]' ({error})"
+        return _report_error(UsageError.one(message, "missing_extra"), "text")
     settings = ServiceSettings(
         checkpoint_roots=tuple(args.checkpoint_roots),
         max_body_bytes=args.max_body_bytes,
@@ -252,9 +229,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         app = create_app(settings)
-    except ValueError as error:  # a checkpoint root that is not a folder
-        print(error, file=sys.stderr)
-        return EXIT_USAGE
+    except BioconfError as error:  # a checkpoint root that is not a folder
+        return _report_error(error, "text")
     # asyncio's loop, not uvloop: as fast here, and fair under many connections (uvloop's p99 was 8x).
     uvicorn.run(
         app, host=args.host, port=args.port, loop="asyncio", access_log=args.access_log, server_header=False
@@ -273,6 +249,17 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_policy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        choices=("explicit", "seed"),
+        default="explicit",
+        help="which config values win over the checkpoint's: explicit (default) keeps "
+        "override_parent_fields and every field the config sets; seed keeps only override_parent_fields "
+        "(BioNeMo's rule)",
+    )
+
+
 def _add_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=("text", "json"), default="text", help="text for people, json for pipelines"
@@ -284,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bioconf",
         description="Validate Megatron model configs and start models from NeMo 2 checkpoints.",
         epilog="Exit codes: 0 ok, 1 invalid config, 2 usage error or unreadable input, "
-        "3 checkpoint weights that do not fit the config (resolve).",
+        "3 a checkpoint whose weights do not fit the config (resolve, run).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -311,13 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument(
         "--checkpoint", metavar="DIR", help="checkpoint directory (default: the config's initial_ckpt_path)"
     )
-    resolve.add_argument(
-        "--policy",
-        choices=("seed", "explicit"),
-        default="explicit",
-        help="seed: keep only override_parent_fields (BioNeMo's rule); explicit (default): also keep "
-        "every field the config sets",
-    )
+    _add_policy(resolve)
     _add_overrides(resolve)
     _add_format(resolve)
     resolve.set_defaults(run=cmd_resolve)
@@ -346,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="CONFIG", help="config file (.json, .yaml)")
     _add_overrides(run)
     run.add_argument("--checkpoint", metavar="DIR", help="starting checkpoint (default: initial_ckpt_path)")
-    run.add_argument("--policy", choices=("explicit", "seed"), default="explicit")
+    _add_policy(run)
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--save", metavar="DIR", help="save the resulting checkpoint to DIR")
-    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_format(run)
     run.set_defaults(run=cmd_run)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from bioconf.runtime.initialize import init_checkpoint
+from bioconf.runtime.run import run
 from bioconf.schema.model import ModelConfig
 
 PRETRAIN = {
@@ -54,9 +56,6 @@ def run_demo(cache: Path) -> int:
     """Create the demo checkpoint under ``cache`` if missing, run the fine-tune, print the report."""
     start = time.perf_counter()
     checkpoint = cache / "esm2-small"
-    from bioconf.runtime.checkpoint import init_checkpoint
-    from bioconf.runtime.run import run
-
     if (checkpoint / "weights" / ".metadata").is_file():
         print(f"using the demo checkpoint in {checkpoint}")
     else:

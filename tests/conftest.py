@@ -24,7 +24,7 @@ def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProce
 @pytest.fixture
 def parallel():
     """A 1-rank gloo group and megatron parallel state, as a single-process user would have."""
-    from bioconf.runtime.checkpoint import ensure_parallel_state
+    from bioconf.runtime.parallel import ensure_parallel_state
 
     with ensure_parallel_state():
         yield

@@ -23,16 +23,12 @@ from nemo.lightning.io.pl import MegatronCheckpointIO
 from nemo.lightning.megatron_parallel import MegatronParallel
 
 from bioconf.runtime import GPTModelConfig, materialize, to_schema
-from bioconf.runtime.checkpoint import (
-    CONTENT_METADATA,
-    CpuTorchDistSaveStrategy,
-    init_checkpoint,
-    nemo_sharded_state_dict,
-    save_checkpoint,
-)
+from bioconf.checkpoint.layout import CONTENT_METADATA
+from bioconf.runtime.initialize import init_checkpoint
+from bioconf.runtime.save import CpuTorchDistSaveStrategy, nemo_sharded_state_dict, save_checkpoint
 from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
 from bioconf.schema import ModelConfig
-from bioconf.schema.nemo_context import read_checkpoint_config
+from bioconf.checkpoint.context import read_checkpoint_config
 
 GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
 
@@ -187,7 +183,7 @@ def test_a_failed_save_leaves_nothing_behind(parallel, tmp_path):
 
 _KILLED = """
 import sys
-from bioconf.runtime.checkpoint import init_checkpoint
+from bioconf.runtime.initialize import init_checkpoint
 from bioconf.schema import ModelConfig
 config = ModelConfig(num_layers=8, hidden_size=512, num_attention_heads=8, vocab_size=1024, seq_length=64)
 init_checkpoint(config, sys.argv[1])

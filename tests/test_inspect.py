@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bioconf.inspect import format_inspection, inspect_checkpoint
-from bioconf.schema import ConfigReadError, ModelConfig, write_checkpoint_context
-from bioconf.schema.weights_metadata import ALLOWED_GLOBALS, DTYPE_ITEMSIZE, read_weights_metadata
+from bioconf.checkpoint.inspection import format_inspection, inspect_checkpoint
+from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.errors import CheckpointError, ConfigReadError
+from bioconf.schema import ModelConfig
+from bioconf.checkpoint.weights_index import ALLOWED_GLOBALS, DTYPE_ITEMSIZE, read_weights_metadata
 
 # Writes weights/ with torch DCP itself (FileSystemWriter, two writer threads so two shard files) in a
 # one-process gloo group: a tensor split into two chunks (a torch ShardedTensor, which is what megatron
@@ -112,7 +114,7 @@ def megatron_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 BIOCONF_WRITER = """
 import sys
-from bioconf.runtime.checkpoint import init_checkpoint
+from bioconf.runtime.initialize import init_checkpoint
 from bioconf.schema import ModelConfig
 init_checkpoint(ModelConfig.model_validate_json(sys.argv[2]), sys.argv[1])
 """
@@ -270,7 +272,7 @@ def test_format_rejects_unknown_format(ckpt: Path):
 
 NO_TORCH = """
 import json, sys
-from bioconf.inspect import format_inspection, inspect_checkpoint
+from bioconf.checkpoint.inspection import format_inspection, inspect_checkpoint
 result = inspect_checkpoint(sys.argv[1])
 format_inspection(result, "text")
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in {"torch", "megatron", "fiddle", "nemo", "numpy"})

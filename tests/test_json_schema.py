@@ -7,7 +7,7 @@ import pytest
 from conftest import EXAMPLES
 
 from bioconf.schema import ModelConfig, json_schema, read_document
-from bioconf.schema.json_schema import GROUPS
+from bioconf.schema.groups import GROUPS
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,12 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from bioconf.schema import nemo_context
-from bioconf.schema.errors import ConfigError, ConfigReadError
+from bioconf.checkpoint import context as nemo_context
+from bioconf.errors import CheckpointError, CheckpointNotFoundError, ConfigError, ConfigReadError, OutputExistsError
 from bioconf.schema.megatron_fields import NO_JSON_FORM
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.names import ACTIVATIONS
-from bioconf.schema.nemo_context import (
+from bioconf.checkpoint.context import (
     RUNTIME_CONFIG_CLASSES,
     checkpoint_context_document,
     read_checkpoint_config,
@@ -213,7 +213,7 @@ def test_model_yaml_is_readable_schema_data(tmp_path: Path) -> None:
 
 def test_existing_context_raises_unless_overwrite(tmp_path: Path) -> None:
     write_checkpoint_context(_config(num_layers=2), tmp_path)
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(OutputExistsError) as raised:
         write_checkpoint_context(_config(num_layers=3), tmp_path)
     assert raised.value.issues[0].source == str(tmp_path / "context")
     assert read_checkpoint_config(tmp_path).config.num_layers == 2
@@ -274,7 +274,7 @@ def test_schema_module_imports_no_torch_fiddle_nemo(tmp_path: Path) -> None:
         """
         import sys
         from bioconf.schema.model import ModelConfig
-        from bioconf.schema.nemo_context import read_checkpoint_config, write_checkpoint_context
+        from bioconf.checkpoint.context import read_checkpoint_config, write_checkpoint_context
         config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, params_dtype="bf16",
                              activation_func="silu", attention_backend="local", window_size=(8, 0))
         write_checkpoint_context(config, sys.argv[1])
@@ -501,7 +501,7 @@ def test_reads_context_nemo_wrote_without_importing_its_classes(nemo_env: types.
     code = textwrap.dedent(
         f"""
         import sys
-        from bioconf.schema.nemo_context import read_checkpoint_config
+        from bioconf.checkpoint.context import read_checkpoint_config
         read = read_checkpoint_config(sys.argv[1])
         assert read.config.params_dtype == "bfloat16", read
         assert {nemo_env.module!r} not in sys.modules

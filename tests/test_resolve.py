@@ -19,21 +19,18 @@ import orjson
 import pytest
 from conftest import ROOT, run_cli
 
-from bioconf.schema import (
-    OVERRIDE_BIONEMO_CONFIG_DEFAULTS,
+from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.checkpoint.shapes import SHAPE_PREFIXES, shaped_weights
+from bioconf.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
     ConfigError,
     ConfigReadError,
-    ModelConfig,
-    write_checkpoint_context,
-)
-from bioconf.schema.resolve import (
-    SHAPE_PREFIXES,
-    CheckpointMismatchError,
     InvalidMergeError,
-    keep_list,
-    resolve,
-    shaped_weights,
+    UsageError,
 )
+from bioconf.resolve import keep_list, resolve
+from bioconf.schema import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, ModelConfig
 
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
 

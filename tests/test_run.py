@@ -14,11 +14,13 @@ import torch
 from conftest import EXAMPLES, ROOT, run_cli
 
 from bioconf import demo
-from bioconf.schema import CheckpointMismatchError, ModelConfig, load_config, read_checkpoint_config
+from bioconf.checkpoint.context import read_checkpoint_config
+from bioconf.errors import CheckpointMismatchError
+from bioconf.schema import ModelConfig, load_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    from bioconf.runtime.checkpoint import init_checkpoint
+    from bioconf.runtime.initialize import init_checkpoint
     from bioconf.runtime.run import run
 
 # The demo's shape, smaller, with a vocabulary that splits over 2 tensor-parallel ranks (vocab

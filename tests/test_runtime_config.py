@@ -30,12 +30,9 @@ from bioconf.runtime import (
     override_mutate_possibly_extra_mutated_fiddle,
     to_schema,
 )
-from bioconf.schema import (
-    OVERRIDE_BIONEMO_CONFIG_DEFAULTS,
-    ConfigError,
-    ModelConfig,
-    write_checkpoint_context,
-)
+from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.errors import ConfigError
+from bioconf.schema import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, ModelConfig
 
 SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
 

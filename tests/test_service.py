@@ -24,8 +24,10 @@ from conftest import EXAMPLES, ROOT, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bioconf.schema import ModelConfig, json_schema, load_config, write_checkpoint_context
-from bioconf.service.checkpoints import CheckpointPathError, CheckpointRoot, locate_checkpoint
+from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.schema import ModelConfig, json_schema, load_config
+from bioconf.errors import CheckpointForbiddenError, CheckpointNotFoundError
+from bioconf.service.checkpoints import CheckpointRoot, locate_checkpoint
 
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
 PROBLEM = "application/problem+json"

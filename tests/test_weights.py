@@ -23,18 +23,12 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
 from bioconf.runtime import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, GPTModelConfig, materialize
-from bioconf.runtime.checkpoint import ensure_parallel_state, init_checkpoint
-from bioconf.runtime.weights import (
-    LoadReport,
-    WeightsError,
-    _DirectReader,
-    _item_layout,
-    _ItemFile,
-    _Progress,
-    _read_direct,
-    load_weights_sharded_inplace_nemo2_to_mcore,
-    shaped_by,
-)
+from bioconf.runtime.initialize import init_checkpoint
+from bioconf.runtime.parallel import ensure_parallel_state
+from bioconf.checkpoint.shapes import shaped_by
+from bioconf.errors import WeightsError
+from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.runtime.weights.reader import _DirectReader, _item_layout, _ItemFile, _read_direct, progress_bar
 from bioconf.schema import ModelConfig
 
 GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
@@ -208,7 +202,7 @@ def test_direct_reader_matches_the_stock_reader(parallel, tmp_path):
 
     targets = {key: torch.full_like(value, 7) for key, value in saved.items()}
     targets["bf16"] = torch.zeros(6, 8, dtype=torch.float32)  # cast on the way in
-    direct = _DirectReader(tmp_path, metadata, _Progress(False, ""), threads=2)
+    direct = _DirectReader(tmp_path, metadata, progress_bar(False, ""), threads=2)
     dcp.load(targets, storage_reader=direct)
     for key, value in saved.items():
         assert torch.equal(targets[key], value.to(targets[key].dtype)), key
@@ -247,16 +241,11 @@ def test_direct_read_of_a_region_of_a_strided_view(tmp_path, dtype, offsets, len
     assert read < 48 * 4  # only the span the region covers
 
 
-def test_progress_line(capsys):
-    progress = _Progress(True, "loading x", delay=0.0)
-    progress.update(300_000_000, 600_000_000)
-    progress.finish(600_000_000, 600_000_000)
-    err = capsys.readouterr().err
-    assert "loading x: 300/600 MB (50%)" in err and "600/600 MB (100%)" in err
-    quiet = _Progress(False, "loading x", delay=0.0)
-    quiet.update(1, 2)
-    quiet.finish(2, 2)
-    assert capsys.readouterr().err == ""
+def test_progress_bar_only_on_a_terminal_and_only_when_enabled(monkeypatch):
+    assert progress_bar(True, "loading x").disable  # stderr is not a terminal under pytest
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert not progress_bar(True, "loading x").disable
+    assert progress_bar(False, "loading x").disable  # quiet, or a rank other than 0
 
 
 # ---- the config's entry points ------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Reads megatron-core's ``TransformerConfig`` dataclass (``ModelParallelConfig`` included): each
 field's type, default and the docstring written under it, maps the types that have no JSON form
 to bioconf's names (dtypes, activations, enums), leaves out the ones that cannot be data
-(arbitrary callables, context managers), and writes one pydantic model with one field per entry.
+(arbitrary callables, context managers), and writes one plain annotated class (``MegatronFields``)
+with one pydantic field per entry, which ``ModelConfig`` inherits.
 
     python tools/generate_fields.py            # rewrite the module
     python tools/generate_fields.py --check    # exit 1 if the checked-in module is stale

@@ -12,7 +12,7 @@ where ``config`` carries ``vocab_size``, ``seq_length`` and the other fields the
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
@@ -21,10 +21,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from bioconf.schema.errors import ConfigError, ConfigIssue
-
-if TYPE_CHECKING:
-    from bioconf.runtime.config import MegatronBioNeMoModelConfig
+from bioconf.errors import ConfigError, ConfigIssue
 
 
 def transformer_engine_available() -> bool:
@@ -42,7 +39,7 @@ def pipeline_stage(vp_stage: int | None = None) -> tuple[bool, bool]:
     )
 
 
-def _require_shapes(config: MegatronBioNeMoModelConfig) -> tuple[int, int]:
+def _require_shapes(config: Any) -> tuple[int, int]:
     missing = [name for name in ("vocab_size", "seq_length") if getattr(config, name) is None]
     if missing:
         raise ConfigError(
@@ -58,7 +55,7 @@ def _require_shapes(config: MegatronBioNeMoModelConfig) -> tuple[int, int]:
     return config.vocab_size, config.seq_length  # type: ignore[return-value]
 
 
-def gpt_layer_spec(config: MegatronBioNeMoModelConfig) -> ModuleSpec:
+def gpt_layer_spec(config: Any) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     options = {
@@ -79,8 +76,9 @@ def bert_layer_spec() -> ModuleSpec:
     return bert_layer_specs.bert_layer_local_spec
 
 
-def build_model(config: MegatronBioNeMoModelConfig, vp_stage: int | None = None) -> MegatronModule:
-    """The model for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+def build_model(config: Any, vp_stage: int | None = None) -> MegatronModule:
+    """The model for this rank's pipeline stage (and virtual stage ``vp_stage``); ``config`` is a
+    runtime config (``bioconf.runtime.config``)."""
     pre_process, post_process = pipeline_stage(vp_stage)
     model_cls = config.model_cls
     is_gpt = isinstance(model_cls, type) and issubclass(model_cls, GPTModel)
@@ -109,3 +107,9 @@ def build_model(config: MegatronBioNeMoModelConfig, vp_stage: int | None = None)
         num_tokentypes=config.num_tokentypes,
         add_binary_head=config.add_binary_head,
     )
+
+
+def build_chunks(config: Any) -> list[MegatronModule]:
+    """This rank's model as its list of virtual pipeline chunks (one without virtual pipelining)."""
+    vp_size = config.virtual_pipeline_model_parallel_size
+    return [build_model(config, vp) for vp in range(vp_size)] if vp_size else [build_model(config)]

@@ -1,5 +1,6 @@
 """The Megatron dataclass configs that bioconf materializes, drop-in for BioNeMo's
-``bionemo.llm.model.config`` classes.
+``bionemo.llm.model.config`` classes, and the way between them and the schema's ``ModelConfig``
+(``materialize`` / ``from_schema`` and ``to_schema``).
 
 Each is a megatron-core ``TransformerConfig`` whose explicit init arguments are tracked in
 ``__io__`` (``IOMixinWithGettersSetters``), so NeMo 2 can serialize and ``reinit`` it. Every
@@ -10,20 +11,20 @@ field has a default: a subclass is built from ``num_layers``, ``hidden_size`` an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from bioconf.errors import ConfigError, ConfigIssue
+from bioconf.runtime.build import build_model
 from bioconf.runtime.hparams import IOMixinWithGettersSetters, WillHaveGetSetHparam
-from bioconf.schema.model import OVERRIDE_BIONEMO_CONFIG_DEFAULTS
-
-if TYPE_CHECKING:
-    from megatron.core.transformer.module import MegatronModule
-
-    from bioconf.runtime.settings import SettingsReport
-    from bioconf.runtime.weights import LoadReport
+from bioconf.runtime.settings import SettingsReport, load_settings
+from bioconf.runtime.values import import_object, to_megatron_kwargs, to_schema_values
+from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.schema.model import MODEL_CLS_ALIASES, OVERRIDE_BIONEMO_CONFIG_DEFAULTS, ModelConfig
 
 
 @dataclass
@@ -63,12 +64,32 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
     override_parent_fields: list[str] = field(default_factory=lambda: list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS))
     """Fields whose value here is kept when settings are loaded from the checkpoint."""
 
+    @classmethod
+    def from_schema(
+        cls, config: ModelConfig, source: str | None = None
+    ) -> MegatronBioNeMoTrainableModelConfig:
+        """The runtime config for ``config`` (``materialize``): the class its ``model_cls`` names."""
+        return materialize(config, source)
+
+    def to_schema(self) -> ModelConfig:
+        """Runtime -> schema: the tracked init values (what a checkpoint records) as a ModelConfig.
+
+        Fields with no JSON form (``NO_JSON_FORM``) have no schema counterpart and are left out.
+        ``model_cls`` comes from the class (``BertModelConfig`` -> "bert") unless it was passed.
+        """
+        values = to_schema_values(self.get_hparams())
+        alias = next((a for a, cls in _RUNTIME_CLASSES.items() if type(self) is cls), None)
+        if alias is None:  # a user model class: always by import path
+            model_cls = self.get_hparam("model_cls")
+            values["model_cls"] = f"{model_cls.__module__}:{model_cls.__qualname__}"
+        elif alias != ModelConfig.model_fields["model_cls"].default:
+            values["model_cls"] = alias
+        return ModelConfig.model_validate(values)
+
     def load_settings_from_checkpoint(self, initial_ckpt_path: str) -> SettingsReport:
         """Load the checkpoint's settings into self, except the fields in ``override_parent_fields``:
         both the tracked init values (what a checkpoint saved later records) and the attributes
         (which ``__post_init__`` may have derived). Atomic; returns what changed."""
-        from bioconf.runtime.settings import load_settings
-
         return load_settings(self, initial_ckpt_path)  # type: ignore[arg-type]
 
     def update_model_from_checkpoint(
@@ -76,8 +97,6 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
     ) -> LoadReport:
         """Load the checkpoint's weights into ``model`` in place, except keys starting with a prefix in
         ``initial_ckpt_skip_keys_with_these_prefixes``; returns what was loaded and skipped."""
-        from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
-
         return load_weights_sharded_inplace_nemo2_to_mcore(
             model, initial_ckpt_path, set(self.initial_ckpt_skip_keys_with_these_prefixes), quiet=quiet
         )
@@ -90,9 +109,7 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
 
     def build_and_load(self, vp_stage: int | None = None, *, quiet: bool = False) -> BuiltModel:
         """``configure_model`` that also returns what loading the settings and weights did
-        (``quiet``: no progress line while loading)."""
-        from bioconf.runtime.build import build_model
-
+        (``quiet``: no progress bar while loading)."""
         checkpoint = self.initial_ckpt_path
         settings = self.load_settings_from_checkpoint(checkpoint) if checkpoint else None
         model = build_model(self, vp_stage)
@@ -130,3 +147,52 @@ class BertModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSet
 @dataclass
 class CustomModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersSetters):
     """Builds a user model class named by ``model_cls``."""
+
+
+_RUNTIME_CLASSES: dict[str, type[MegatronBioNeMoTrainableModelConfig]] = {
+    "gpt": GPTModelConfig,
+    "bert": BertModelConfig,
+    "custom": CustomModelConfig,
+}
+"""The runtime config class for each kind of ``model_cls`` (``bioconf.checkpoint.context`` writes
+their names into io.json as ``RUNTIME_CONFIG_CLASSES``)."""
+
+
+def materialize(config: ModelConfig, source: str | None = None) -> MegatronBioNeMoTrainableModelConfig:
+    """Build the runtime config for ``config``. Its ``__io__`` records exactly the fields set in
+    ``config`` (``model_fields_set``), so a checkpoint saved from it holds the user's choices.
+    ``model_cls`` is implied by the class for "gpt"/"bert", imported for an import path; a
+    config megatron rejects (its environment-dependent checks) raises ConfigError naming ``source``."""
+    kwargs: dict[str, Any] = to_megatron_kwargs(config)
+    kwargs.pop("model_cls", None)
+    if config.model_cls in MODEL_CLS_ALIASES:
+        cls = _RUNTIME_CLASSES[config.model_cls]
+    else:
+        cls = CustomModelConfig
+        try:
+            kwargs["model_cls"] = import_object(config.model_cls)
+        except (ImportError, AttributeError) as error:
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        f"cannot import the model class: {error}",
+                        "import_error",
+                        ("model_cls",),
+                        config.model_cls,
+                        source,
+                    )
+                ]
+            ) from None
+    try:
+        return cls(**kwargs)
+    except Exception as error:  # megatron's environment-dependent checks (TE, CUDA) live in __post_init__
+        raise ConfigError.one(
+            f"megatron-core rejected the config: {type(error).__name__}: {error}",
+            "megatron_error",
+            source=source,
+        ) from error
+
+
+def to_schema(runtime_config: MegatronBioNeMoTrainableModelConfig) -> ModelConfig:
+    """``runtime_config.to_schema()``."""
+    return runtime_config.to_schema()

@@ -1,8 +1,10 @@
 """The main job, as a pipeline submits it: validate -> resolve against the starting checkpoint ->
-materialize -> build the model -> load the sharded weights -> report (and optionally save).
+materialize the merged config -> build the model -> load the sharded weights -> report (and
+optionally save).
 
-Runs the same in one process and under ``torchrun`` (each rank builds its part and loads its
-shards; the caller prints on rank 0 only).
+The checkpoint's settings are read and merged once (``bioconf.resolve``); the model is built from
+that merge. Runs the same in one process and under ``torchrun`` (each rank builds its part and loads
+its shards; the caller prints on rank 0 only).
 """
 
 from __future__ import annotations
@@ -15,43 +17,39 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.module import MegatronModule
 
-from bioconf.runtime.checkpoint import ensure_parallel_state, save_checkpoint
-from bioconf.runtime.config import BuiltModel
-from bioconf.runtime.materialize import materialize
+from bioconf.resolve import Policy, ResolvedConfig, resolve
+from bioconf.runtime.build import build_chunks
+from bioconf.runtime.config import materialize
+from bioconf.runtime.parallel import ensure_parallel_state
+from bioconf.runtime.save import save_checkpoint
+from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
 from bioconf.schema.model import ModelConfig
-from bioconf.schema.resolve import ResolvedConfig, resolve
 
 
 @dataclass(frozen=True)
 class RunReport:
-    """Everything ``bioconf run`` prints: the resolved config and what building and loading did."""
+    """Everything ``bioconf run`` prints: the config, its merge with the checkpoint, what loading did."""
 
     config: ModelConfig
+    """The config as submitted (its fingerprint is the one ``bioconf validate`` prints)."""
     resolved: ResolvedConfig | None
-    built: list[BuiltModel]
-    """One per virtual pipeline stage on this rank (one without virtual pipelining)."""
+    """The merge with the starting checkpoint, which the model was built from; None without one."""
+    models: list[MegatronModule]
+    """This rank's model chunks (one without virtual pipelining)."""
+    weights: LoadReport | None
+    """None without a checkpoint, or with ``initial_ckpt_path_ignore_weights``."""
     saved: Path | None
     seconds: float
     rank: int
     world_size: int
 
     def to_dict(self) -> dict[str, Any]:
-        settings = self.built[0].settings
-        weights = [b.weights.to_dict() for b in self.built if b.weights is not None]
         return {
             "fingerprint": self.config.fingerprint(),
             "resolved": self.resolved.to_dict() if self.resolved else None,
-            "settings": None
-            if settings is None
-            else {
-                "checkpoint": settings.checkpoint,
-                "class": settings.class_path,
-                "changed": {k: [repr(old), repr(new)] for k, (old, new) in settings.changed.items()},
-                "kept": list(settings.preserved),
-                "dropped": sorted(settings.dropped),
-            },
-            "weights": weights,
+            "weights": self.weights.to_dict() if self.weights else None,
             "saved": str(self.saved) if self.saved else None,
             "seconds": round(self.seconds, 3),
             "rank": self.rank,
@@ -65,15 +63,12 @@ class RunReport:
             for name, source in self.resolved.sources.items():
                 sources.setdefault(source, []).append(name)
             checkpoint = self.resolved.checkpoint
-            lines.append(f"checkpoint   {checkpoint.path.parent.parent} ({checkpoint.class_path})")
+            lines.append(f"checkpoint   {checkpoint.paths.root} ({checkpoint.class_path})")
             lines.append(f"policy       {self.resolved.policy}")
             lines.append(f"from ckpt    {', '.join(sorted(sources.get('checkpoint', []))) or '-'}")
-            lines.append(f"kept (user)  {', '.join(sorted(sources.get('user', []))) or '-'}")
-            for note in self.resolved.notes:
-                lines.append(f"note         {note}")
-        for index, built in enumerate(self.built):
-            label = "weights" if len(self.built) == 1 else f"weights[{index}]"
-            lines.append(f"{label:<12} {built.weights if built.weights is not None else 'not loaded'}")
+            lines.append(f"from config  {', '.join(sorted(sources.get('user', []))) or '-'}")
+            lines += [f"note         {note}" for note in self.resolved.notes]
+        lines.append(f"weights      {self.weights if self.weights is not None else 'not loaded'}")
         if self.saved:
             lines.append(f"saved        {self.saved}")
         lines.append(f"took         {self.seconds:.2f} s on {self.world_size} process(es)")
@@ -84,37 +79,36 @@ def run(
     config: ModelConfig,
     checkpoint: str | os.PathLike[str] | None = None,
     *,
-    policy: Literal["seed", "explicit"] = "explicit",
+    policy: Policy = "explicit",
     device: Literal["cpu", "cuda"] = "cpu",
     save: str | os.PathLike[str] | None = None,
     quiet: bool = False,
 ) -> RunReport:
-    """Resolve ``config`` against its starting checkpoint, build the model and load the weights.
+    """Resolve ``config`` against its starting checkpoint (``checkpoint``, else its
+    ``initial_ckpt_path``), build the model from the merge and load the weights.
 
-    A checkpoint that does not fit raises ``CheckpointMismatchError`` (shapes, before any weight
-    is read) or ``WeightsError`` (keys); an invalid config ``ConfigError``.
+    Raises the errors of ``bioconf.errors``: CheckpointMismatchError (shapes, before any weight is
+    read; its WeightsError for keys), CheckpointError (an unreadable checkpoint), ConfigError.
     """
     start = time.perf_counter()
     checkpoint = checkpoint if checkpoint is not None else config.initial_ckpt_path
-    resolved = None
-    if checkpoint is not None:
-        resolved = resolve(config, checkpoint, policy)
-        # The runtime keeps the seed's rule; the schema layer hands it the effective keep-list, plus
-        # where to initialize (a property of this machine, not of the checkpoint).
-        keep = [*resolved.keep, "use_cpu_initialization"]
-        config = config.with_overrides({"initial_ckpt_path": str(checkpoint), "override_parent_fields": keep})
-    runtime = materialize(config)
+    resolved = resolve(config, checkpoint, policy) if checkpoint is not None else None
+    merged = resolved.config if resolved is not None else config
+    runtime = materialize(merged)
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        runtime.use_cpu_initialization = True  # the attribute only: not recorded for a saved checkpoint
+        runtime.use_cpu_initialization = True  # the attribute only: where this machine initializes
     with ensure_parallel_state(runtime):
-        vp_size = runtime.virtual_pipeline_model_parallel_size
-        stages = [None] if not vp_size else list(range(vp_size))
-        built = [runtime.build_and_load(vp_stage, quiet=quiet) for vp_stage in stages]
-        saved = None
-        if save is not None:
-            models = [b.model for b in built]
-            saved = save_checkpoint(models if len(models) > 1 else models[0], runtime, save)
+        models = build_chunks(runtime)
+        weights = None
+        if resolved is not None and not merged.initial_ckpt_path_ignore_weights:
+            weights = load_weights_sharded_inplace_nemo2_to_mcore(
+                models,
+                resolved.checkpoint.paths.root,
+                merged.initial_ckpt_skip_keys_with_these_prefixes,
+                quiet=quiet,
+            )
+        saved = save_checkpoint(models, runtime, save) if save is not None else None
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return RunReport(config, resolved, built, saved, time.perf_counter() - start, rank, world_size)
+    return RunReport(config, resolved, models, weights, saved, time.perf_counter() - start, rank, world_size)

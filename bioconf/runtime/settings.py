@@ -1,9 +1,11 @@
 """Loading a checkpoint's settings into a runtime config: the seed's dual override, atomic and reported.
 
-The checkpoint's model config is read as data by the schema layer (nothing it names is imported),
-built as a runtime config so megatron's ``__post_init__`` derives what it derived at training
-time, then copied field by field into the target: the tracked init value first, the live
-attribute second (``override_mutate_possibly_extra_mutated_fiddle``).
+The checkpoint's model config is read as data (nothing it names is imported) and merged with the
+target's own values by the same ``bioconf.resolve.merge`` that ``bioconf resolve`` and ``bioconf run``
+use, keeping ``override_parent_fields``. The merge is built as a runtime config, so megatron's
+``__post_init__`` derives what it derives from the final values, and copied field by field into the
+target: the tracked init value first, the live attribute second
+(``override_mutate_possibly_extra_mutated_fiddle``).
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from bioconf.checkpoint.context import read_checkpoint_config
+from bioconf.errors import CheckpointError
+from bioconf.resolve import merge
 from bioconf.runtime.hparams import (
     IOMixinWithGettersSetters,
     override_mutate_possibly_extra_mutated_fiddle,
     same_value,
 )
-from bioconf.runtime.materialize import materialize
-from bioconf.schema.errors import ConfigError, ConfigIssue
 from bioconf.schema.megatron_fields import NO_JSON_FORM
-from bioconf.schema.nemo_context import read_checkpoint_config
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,12 @@ class SettingsReport:
     """The config class the checkpoint names (never imported)."""
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """Field -> (old, new) attribute value, for every field whose value changed."""
-    dropped: dict[str, Any] = field(default_factory=dict)
-    """Checkpoint fields this megatron-core/bioconf does not know: not applied."""
+    unknown: dict[str, Any] = field(default_factory=dict)
+    """Checkpoint fields bioconf does not model: not applied."""
     kept: tuple[str, ...] = ()
-    """Fields this config has that the checkpoint cannot carry: left as they were."""
-    preserved: tuple[str, ...] = ()
-    """Fields in ``override_parent_fields``: the checkpoint's value was not applied."""
+    """Fields in ``override_parent_fields``: this config's value was kept."""
+    not_carried: tuple[str, ...] = ()
+    """Fields a checkpoint cannot carry (no JSON form, or unknown to the schema): left as they were."""
     class_defaults_unknown: bool = False
     """The checkpoint names a class that is not bioconf's: values it left to that class's own
     defaults are megatron's defaults here."""
@@ -48,35 +50,27 @@ class SettingsReport:
 def load_settings(
     target: IOMixinWithGettersSetters, checkpoint_dir: str | os.PathLike[str]
 ) -> SettingsReport:
-    """Override every field of ``target`` that the checkpoint's config also has, except the fields in
-    ``target.override_parent_fields``; on any error ``target`` (attributes and ``__io__``) is unchanged."""
+    """Override every field of ``target`` (a ``bioconf.runtime.config`` class) that a checkpoint can
+    carry with the checkpoint's value, except the fields in ``target.override_parent_fields``; on any
+    error ``target`` (attributes and ``__io__``) is unchanged."""
     checkpoint = read_checkpoint_config(checkpoint_dir)
-    source = materialize(checkpoint.config, source=str(checkpoint.path))
+    keep = tuple(target.override_parent_fields)  # type: ignore[attr-defined]
+    merged, _ = merge(target.to_schema(), checkpoint, keep)  # type: ignore[attr-defined]
+    source = type(target).from_schema(merged, source=str(checkpoint.path))  # type: ignore[attr-defined]
 
-    source_fields = {f.name for f in dataclasses.fields(source)}  # type: ignore[arg-type]
+    source_fields = {f.name for f in dataclasses.fields(source)}
     target_fields = [f.name for f in dataclasses.fields(target) if f.init]  # type: ignore[arg-type]
-    keep = set(target.override_parent_fields)  # type: ignore[attr-defined]
-    # Fields with no JSON form cannot come from a checkpoint: the source only has their defaults.
-    overridable = [
-        name
-        for name in target_fields
-        if name in source_fields and name not in keep and name not in NO_JSON_FORM
-    ]
+    carried = [name for name in target_fields if name in source_fields and name not in NO_JSON_FORM]
+    overridable = [name for name in carried if name not in keep]
 
     before_attributes = dict(target.__dict__)
     before_tracked = dict(target.__io__.__arguments__)
     try:
-        override_mutate_possibly_extra_mutated_fiddle(target, source, overridable)  # type: ignore[arg-type]
+        override_mutate_possibly_extra_mutated_fiddle(target, source, overridable)
     except Exception as error:
         _restore(target, before_attributes, before_tracked)
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    f"cannot apply the checkpoint's settings: {error}",
-                    "override_error",
-                    source=str(checkpoint.path),
-                )
-            ]
+        raise CheckpointError.one(
+            f"cannot apply the checkpoint's settings: {error}", "override_error", source=checkpoint.path
         ) from error
 
     changed = {
@@ -88,9 +82,9 @@ def load_settings(
         checkpoint=str(checkpoint.path),
         class_path=checkpoint.class_path,
         changed=changed,
-        dropped=dict(checkpoint.unknown_fields),
-        kept=tuple(name for name in target_fields if name not in source_fields or name in NO_JSON_FORM),
-        preserved=tuple(name for name in target_fields if name in keep),
+        unknown=dict(checkpoint.unknown_fields),
+        kept=tuple(name for name in target_fields if name in keep),
+        not_carried=tuple(name for name in target_fields if name not in carried),
         class_defaults_unknown=not checkpoint.class_is_bioconf,
     )
 

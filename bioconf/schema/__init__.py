@@ -4,7 +4,7 @@ Imports pydantic, orjson and PyYAML only — never torch, megatron, fiddle or ne
 or a web server validates a config in milliseconds on a machine without a GPU.
 """
 
-from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError
+from bioconf.errors import ConfigError, ConfigIssue, ConfigReadError, OverrideError
 from bioconf.schema.files import load_config, read_document, save_config, validate_document
 from bioconf.schema.json_schema import json_schema
 from bioconf.schema.model import (
@@ -13,28 +13,19 @@ from bioconf.schema.model import (
     OVERRIDE_BIONEMO_CONFIG_DEFAULTS,
     ModelConfig,
 )
-from bioconf.schema.nemo_context import CheckpointConfig, read_checkpoint_config, write_checkpoint_context
-from bioconf.schema.overrides import OverrideError
-from bioconf.schema.resolve import CheckpointMismatchError, ResolvedConfig, resolve
 
 __all__ = [
     "BIONEMO_ONLY_FIELDS",
     "MODEL_CLS_ALIASES",
     "OVERRIDE_BIONEMO_CONFIG_DEFAULTS",
-    "CheckpointConfig",
-    "CheckpointMismatchError",
     "ConfigError",
     "ConfigIssue",
     "ConfigReadError",
     "ModelConfig",
     "OverrideError",
-    "ResolvedConfig",
     "json_schema",
     "load_config",
-    "read_checkpoint_config",
     "read_document",
-    "resolve",
     "save_config",
     "validate_document",
-    "write_checkpoint_context",
 ]

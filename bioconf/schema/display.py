@@ -7,22 +7,21 @@ import html
 from collections.abc import Mapping
 from typing import Any
 
-from bioconf.schema.json_schema import GROUPS
-from bioconf.schema.model import ModelConfig
+from bioconf.schema.groups import GROUPS
 
 
-def _group_of(name: str) -> str:
-    extra = ModelConfig.model_fields[name].json_schema_extra
-    return extra.get("x-group", "other") if isinstance(extra, dict) else "other"
-
-
-def fields_table(title: str, values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> str:
-    """An HTML table of ``values`` grouped by form group (in the form's order), with a source column
-    when ``sources`` is given."""
+def fields_table(
+    title: str,
+    values: Mapping[str, Any],
+    group_of: Mapping[str, str],
+    sources: Mapping[str, str] | None = None,
+) -> str:
+    """An HTML table of ``values`` grouped by form group (``group_of``: field -> group, in the form's
+    order), with a source column when ``sources`` is given."""
     rows = [f"<tr><th colspan='{3 if sources else 2}' style='text-align:left'>{html.escape(title)}</th></tr>"]
     by_group: dict[str, list[str]] = {}
     for name in values:
-        by_group.setdefault(_group_of(name), []).append(name)
+        by_group.setdefault(group_of.get(name, "other"), []).append(name)
     for group, group_title in GROUPS.items():
         names = sorted(by_group.get(group, []))
         if not names:

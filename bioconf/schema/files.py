@@ -5,19 +5,15 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bioconf.schema.errors import ConfigIssue, ConfigReadError
-from bioconf.schema.model import ModelConfig
-from bioconf.schema.overrides import validate_with_overrides
+from bioconf.errors import BioconfError, ConfigIssue, ConfigReadError
+from bioconf.fs import read_bytes, write_atomic
+from bioconf.schema.model import ModelConfig, validate_with_overrides
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -37,25 +33,23 @@ class ConfigDocument:
 def read_document(path: str | os.PathLike[str]) -> ConfigDocument:
     """Parse a JSON or YAML config file (by suffix; JSON otherwise) into a mapping."""
     source = os.fspath(path)
-    try:
-        raw = Path(source).read_bytes()
-    except OSError as error:
-        raise ConfigReadError(
-            [ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)]
-        ) from None
+    raw = read_bytes(source)
     if source.endswith(YAML_SUFFIXES):
         return parse_yaml_document(raw, source)
     return parse_json_document(raw, source)
 
 
-def parse_json_document(raw: bytes | str, source: str) -> ConfigDocument:
+def loads_json(raw: bytes | str, source: str, error: type[BioconfError] = ConfigReadError) -> Any:
+    """Parse JSON; malformed input raises ``error`` naming the file and the line."""
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        line = raw.count(b"\n" if isinstance(raw, bytes) else "\n", 0, error.pos) + 1
-        raise ConfigReadError(
-            [ConfigIssue(f"invalid JSON: {error.msg}", "json_invalid", source=source, line=line)]
-        ) from None
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as failure:
+        line = raw.count(b"\n" if isinstance(raw, bytes) else "\n", 0, failure.pos) + 1
+        raise error.one(f"invalid JSON: {failure.msg}", "json_invalid", source=source, line=line) from None
+
+
+def parse_json_document(raw: bytes | str, source: str) -> ConfigDocument:
+    data = loads_json(raw, source)
     _require_mapping(data, source)
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
@@ -170,49 +164,6 @@ def load_config(
 ) -> ModelConfig:
     """Read, validate and (optionally) override a JSON or YAML config file."""
     return validate_document(read_document(path), overrides)
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a
-    crash never leaves a half-written file."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def fsync_path(path: str | os.PathLike[str]) -> None:
-    """fsync a file or a folder (a folder's entry list is what makes a rename durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_directory(staging: Path, target: Path) -> None:
-    """Publish the fully written folder ``staging`` as ``target`` by renames. An old ``target`` is
-    renamed aside first and deleted last (and put back if the second rename fails): a reader sees
-    the old folder, for an instant none, or the new one, never a mix."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
-    fsync_path(target.parent)
 
 
 def save_config(config: ModelConfig, path: str | os.PathLike[str]) -> None:

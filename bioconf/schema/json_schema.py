@@ -11,19 +11,10 @@ from typing import Any
 
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
 
+from bioconf.schema.groups import GROUPS
 from bioconf.schema.model import BIONEMO_ONLY_FIELDS, ModelConfig
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
-GROUPS: dict[str, str] = {
-    "architecture": "Architecture",
-    "attention": "Attention",
-    "parallelism": "Parallelism",
-    "precision": "Precision",
-    "fusions": "Fusions and kernels",
-    "moe": "Mixture of experts",
-    "checkpoint": "Starting checkpoint",
-    "other": "Other",
-}
 
 
 class _Generator(GenerateJsonSchema):

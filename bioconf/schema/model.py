@@ -15,7 +15,8 @@ Instances are frozen values: derive new ones with ``with_overrides``.
 import difflib
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Annotated, Any, Final, Literal
 
 import orjson
@@ -30,8 +31,11 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from bioconf.errors import ConfigError, OverrideError, issues_from_validation
 from bioconf.schema import rules
+from bioconf.schema.display import fields_table
 from bioconf.schema.megatron_fields import MegatronFields
+from bioconf.schema.overrides import merge_overrides
 
 # Aliases for the model families bioconf builds itself; anything else is "package.module:Class".
 MODEL_CLS_ALIASES: Final[tuple[str, ...]] = ("gpt", "bert")
@@ -249,16 +253,12 @@ class ModelConfig(MegatronFields, BaseModel):
     def with_overrides(self, *overrides: str | Mapping[str, Any]) -> "ModelConfig":
         """A new config with ``"key=value"`` / ``"key+=[...]"`` strings or mappings applied on top of
         this one, validated as a whole; an invalid result raises ``OverrideError``."""
-        from bioconf.schema.overrides import validate_with_overrides
-
         return validate_with_overrides(self.explicit_fields(), overrides)
 
     def _repr_html_(self) -> str:
         """Jupyter: the explicitly set fields, grouped as in the UI form."""
-        from bioconf.schema.display import fields_table
-
         title = f"ModelConfig ({len(self.model_fields_set)} fields set, sha256:{self.fingerprint()[:12]})"
-        return fields_table(title, self.explicit_fields())
+        return fields_table(title, self.explicit_fields(), FIELD_GROUPS)
 
     def __repr_args__(self) -> Iterable[tuple[str, Any]]:
         # 240 fields is a wall: show only what was set.
@@ -290,3 +290,37 @@ def _with_suggestions(error: ValidationError, model: type["ModelConfig"]) -> Val
             InitErrorDetails(type=PydanticCustomError(kind, message), loc=item["loc"], input=item["input"])
         )
     return ValidationError.from_exception_data(error.title, details)
+
+
+FIELD_GROUPS: Final[dict[str, str]] = {
+    name: (info.json_schema_extra or {}).get("x-group", "other")  # type: ignore[union-attr]
+    for name, info in ModelConfig.model_fields.items()
+}
+"""Field -> its form group (``x-group``)."""
+
+
+def _list_default(name: str) -> Any:
+    field = ModelConfig.model_fields.get(name)
+    return field.get_default(call_default_factory=True) if field else None
+
+
+def validate_with_overrides(
+    data: Mapping[str, Any],
+    overrides: Iterable[str | Mapping[str, Any]] = (),
+    source: str | None = None,
+    line_of: Callable[[str], int | None] | None = None,
+) -> ModelConfig:
+    """Apply the overrides to ``data`` and validate the result as a whole. Each error is attributed to
+    the override that set its field, else to ``source`` (and its line)."""
+    merged, origin = merge_overrides(data, overrides, _list_default)
+    try:
+        return ModelConfig.model_validate(merged)
+    except ValidationError as error:
+        issues = []
+        for issue in issues_from_validation(error, source, line_of):
+            key = str(issue.loc[0]) if issue.loc else ""
+            if key in origin:
+                issue = replace(issue, source=f"--set {origin[key]}", line=None)
+            issues.append(issue)
+        blamed_override = any(issue.source and issue.source.startswith("--set ") for issue in issues)
+        raise (OverrideError if blamed_override else ConfigError)(issues) from None

@@ -10,22 +10,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
-from bioconf.schema.errors import ConfigError, ConfigIssue, issues_from_validation
-
-if TYPE_CHECKING:
-    from bioconf.schema.model import ModelConfig
+from bioconf.errors import ConfigIssue, OverrideError
 
 _OVERRIDE = re.compile(r"^\s*(?P<key>[A-Za-z_][\w.]*)\s*(?P<op>\+?=)(?P<value>.*)$", re.DOTALL)
-
-
-class OverrideError(ConfigError):
-    """An override that cannot be parsed or makes the config invalid."""
 
 
 def parse_value(text: str) -> Any:
@@ -37,11 +28,12 @@ def parse_value(text: str) -> Any:
 
 
 def merge_overrides(
-    data: Mapping[str, Any], overrides: Iterable[str | Mapping[str, Any]]
+    data: Mapping[str, Any],
+    overrides: Iterable[str | Mapping[str, Any]],
+    default_of: Callable[[str], Any] = lambda key: None,
 ) -> tuple[dict, dict]:
-    """``data`` with each override applied in order, and which override last set each key."""
-    from bioconf.schema.model import ModelConfig
-
+    """``data`` with each override applied in order, and which override last set each key.
+    ``default_of(key)`` is the value ``+=`` extends when ``data`` does not set ``key``."""
     merged = dict(data)
     origin: dict[str, str] = {}
     for override in overrides:
@@ -59,8 +51,7 @@ def merge_overrides(
                 [_syntax_issue(override, f"{key!r}: the config is flat; nested keys are not supported")]
             )
         if op == "+=":
-            field = ModelConfig.model_fields.get(key)
-            current = merged[key] if key in merged else field and field.get_default(call_default_factory=True)
+            current = merged[key] if key in merged else default_of(key)
             if current is not None and not isinstance(current, (list, tuple)):
                 raise OverrideError(
                     [_syntax_issue(override, f"+= needs a list field; {key} holds {type(current).__name__}")]
@@ -69,30 +60,6 @@ def merge_overrides(
         merged[key] = value
         origin[key] = override
     return merged, origin
-
-
-def validate_with_overrides(
-    data: Mapping[str, Any],
-    overrides: Iterable[str | Mapping[str, Any]] = (),
-    source: str | None = None,
-    line_of: Callable[[str], int | None] | None = None,
-) -> ModelConfig:
-    """Apply the overrides to ``data`` and validate the result as a whole. Each error is attributed to
-    the override that set its field, else to ``source`` (and its line)."""
-    from bioconf.schema.model import ModelConfig
-
-    merged, origin = merge_overrides(data, overrides)
-    try:
-        return ModelConfig.model_validate(merged)
-    except ValidationError as error:
-        issues = []
-        for issue in issues_from_validation(error, source, line_of):
-            key = str(issue.loc[0]) if issue.loc else ""
-            if key in origin:
-                issue = replace(issue, source=f"--set {origin[key]}", line=None)
-            issues.append(issue)
-        blamed_override = any(issue.source and issue.source.startswith("--set ") for issue in issues)
-        raise (OverrideError if blamed_override else ConfigError)(issues) from None
 
 
 def _syntax_issue(override: str, message: str) -> ConfigIssue:

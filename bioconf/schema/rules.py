@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from bioconf.schema.derived import effective
+
 
 @dataclass(frozen=True)
 class RuleViolation:
@@ -362,9 +364,7 @@ def _attention(c: object, out: list[RuleViolation]) -> None:
             )
         )
     # num_query_groups (default num_attention_heads) must be a multiple or a divisor of TP
-    groups = c.num_query_groups
-    if groups is None:
-        groups = heads
+    groups = effective(c, "num_query_groups")
     if tp and groups % tp and tp % groups:
         out.append(
             V(

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import orjson
@@ -26,37 +26,26 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from bioconf import __version__
-from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError
+from bioconf.errors import PROBLEM_BASE, BioconfError, ConfigIssue, ConfigReadError, UsageError
+from bioconf.resolve import POLICIES, Policy, ResolvedConfig, resolve
 from bioconf.schema.files import ConfigDocument, parse_json_document, parse_yaml_document, validate_document
 from bioconf.schema.json_schema import json_schema
 from bioconf.schema.model import ModelConfig
-from bioconf.schema.resolve import (
-    POLICIES,
-    CheckpointMismatchError,
-    InvalidMergeError,
-    ResolvedConfig,
-    resolve,
-)
 from bioconf.service import openapi
-from bioconf.service.checkpoints import CheckpointPathError, CheckpointRoot, locate_checkpoint
+from bioconf.service.checkpoints import CheckpointRoot, locate_checkpoint
 
 SOURCE = "<body>"
 """The ``source`` of an error in a request body (the CLI names the file there)."""
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml"})
 PROBLEM = "application/problem+json"
 
+# The problems only HTTP has (a body, a media type, a clock); every other problem is a BioconfError,
+# whose class carries its kind, status and title.
 TITLES = {
-    "unreadable-config": "The body is not a readable config",
-    "invalid-config": "Invalid config",
     "body-too-large": "Request body too large",
     "unsupported-media-type": "Unsupported media type",
     "invalid-request": "Invalid request",
     "request-timeout": "The request body did not arrive in time",
-    "forbidden-checkpoint": "Checkpoint path not allowed",
-    "checkpoint-not-found": "Checkpoint not found",
-    "invalid-checkpoint": "Invalid checkpoint",
-    "checkpoint-mismatch": "The checkpoint's weights do not fit the config",
-    "invalid-merge": "The config merged with the checkpoint breaks a rule",
     "timeout": "The request took too long",
 }
 
@@ -91,16 +80,30 @@ class ServiceSettings:
 
 
 class Problem(Exception):
-    """An error response: RFC 9457 problem details of ``kind`` (a ``TITLES`` key)."""
+    """An error response: RFC 9457 problem details of ``kind``."""
 
-    def __init__(self, status: int, kind: str, detail: str, errors: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        title: str | None = None,
+    ):
         super().__init__(detail)
         self.status, self.kind, self.detail, self.errors = status, kind, detail, errors
+        self.title = title or TITLES[kind]
+
+    @classmethod
+    def of(cls, error: BioconfError) -> Problem:
+        """The problem a bioconf error is (its class says which)."""
+        count = len(error.issues)
+        first = str(error.issues[0]) if error.issues else ""
+        detail = first if count == 1 else f"{count} errors; the first: {first}"
+        return cls(error.status, error.kind, detail, error.to_list(), error.title)
 
     def response(self) -> Response:
-        return problem_response(
-            self.status, openapi.PROBLEM_BASE + self.kind, TITLES[self.kind], self.detail, self.errors
-        )
+        return problem_response(self.status, PROBLEM_BASE + self.kind, self.title, self.detail, self.errors)
 
 
 def problem_response(
@@ -115,13 +118,6 @@ def problem_response(
     if errors is not None:
         body["errors"] = errors
     return Response(orjson.dumps(body), status, headers, media_type=PROBLEM)
-
-
-def _config_problem(status: int, kind: str, error: ConfigError) -> Problem:
-    count = len(error.issues)
-    first = str(error.issues[0]) if error.issues else ""
-    detail = first if count == 1 else f"{count} errors; the first: {first}"
-    return Problem(status, kind, detail, error.to_list())
 
 
 def _json(document: Any) -> Response:
@@ -183,9 +179,7 @@ def check_size(data: dict[str, Any], settings: ServiceSettings) -> None:
 
 
 def _size_problem(message: str, kind: str, loc: tuple[str, ...]) -> Problem:
-    return _config_problem(
-        400, "unreadable-config", ConfigReadError([ConfigIssue(message, kind, loc, source=SOURCE)])
-    )
+    return Problem.of(ConfigReadError([ConfigIssue(message, kind, loc, source=SOURCE)]))
 
 
 def _remaining(deadline: float) -> float:
@@ -193,7 +187,7 @@ def _remaining(deadline: float) -> float:
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
-    """The service. Checkpoint roots must exist (ValueError otherwise)."""
+    """The service. Checkpoint roots must exist (UsageError otherwise)."""
     settings = settings or ServiceSettings()
     roots = tuple(CheckpointRoot.of(root) for root in settings.checkpoint_roots)
     app = FastAPI(
@@ -252,13 +246,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 document = parse_json_document(body, SOURCE)
         except TimeoutError:
             raise Problem(503, "timeout", f"parsing took longer than {settings.request_timeout} s") from None
-        except ConfigReadError as error:
-            raise _config_problem(400, "unreadable-config", error) from None
+        except BioconfError as error:
+            raise Problem.of(error) from None
         check_size(document.data, settings)
         try:
             return validate_document(document, overrides)
-        except ConfigError as error:
-            raise _config_problem(422, "invalid-config", error) from None
+        except BioconfError as error:
+            raise Problem.of(error) from None
 
     @app.post("/v1/validate", response_class=Response, **openapi.VALIDATE)
     async def validate(request: Request) -> Response:
@@ -273,9 +267,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             }
         )
 
-    def resolve_under_roots(
-        config: ModelConfig, requested: str, policy: Literal["seed", "explicit"]
-    ) -> ResolvedConfig:
+    def resolve_under_roots(config: ModelConfig, requested: str, policy: Policy) -> ResolvedConfig:
         """Runs in a worker thread: file system calls never block the event loop."""
         return resolve(config, locate_checkpoint(requested, roots), policy)
 
@@ -285,15 +277,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         query = request.query_params
         policy = query.get("policy", "explicit")
         if policy not in POLICIES:
-            raise Problem(
-                400, "invalid-request", f"policy must be one of {', '.join(POLICIES)}, not {policy!r}"
+            raise Problem.of(
+                UsageError.one(f"policy must be one of {', '.join(POLICIES)}", "invalid_policy", input=policy)
             )
         config = await read_config(request, query.getlist("set"), deadline)
         checkpoint = query.get("checkpoint")
         requested = checkpoint if checkpoint is not None else config.initial_ckpt_path
         if requested is None:
-            raise Problem(
-                400, "invalid-request", "no checkpoint: pass ?checkpoint=PATH or set initial_ckpt_path"
+            raise Problem.of(
+                UsageError.one(
+                    "no checkpoint: pass ?checkpoint=PATH or set initial_ckpt_path", "missing_checkpoint"
+                )
             )
         try:
             with anyio.fail_after(_remaining(deadline)):
@@ -304,15 +298,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             raise Problem(
                 503, "timeout", f"reading the checkpoint took longer than {settings.request_timeout} s"
             ) from None
-        except CheckpointPathError as error:
-            kind = "forbidden-checkpoint" if error.status == 403 else "checkpoint-not-found"
-            raise Problem(error.status, kind, str(error)) from None
-        except CheckpointMismatchError as error:
-            raise _config_problem(409, "checkpoint-mismatch", error) from None
-        except InvalidMergeError as error:
-            raise _config_problem(409, "invalid-merge", error) from None
-        except ConfigError as error:  # the checkpoint's context is unreadable or its values invalid
-            raise _config_problem(422, "invalid-checkpoint", error) from None
+        except BioconfError as error:
+            raise Problem.of(error) from None
         return _json(resolved.to_dict())
 
     @app.get("/v1/schema", response_class=Response, **openapi.SCHEMA)

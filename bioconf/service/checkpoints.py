@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from bioconf.errors import CheckpointForbiddenError, CheckpointNotFoundError, UsageError
 
-class CheckpointPathError(Exception):
-    """A checkpoint path the service will not read (``status`` 403) or cannot find (404)."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+def _forbidden(message: str, requested: str) -> CheckpointForbiddenError:
+    return CheckpointForbiddenError.one(message, "forbidden_checkpoint", input=requested)
 
 
 @dataclass(frozen=True)
@@ -36,43 +34,43 @@ class CheckpointRoot:
         given = Path(os.path.abspath(path))
         real = Path(os.path.realpath(given))
         if not real.is_dir():
-            raise ValueError(f"checkpoint root {os.fspath(path)!r} is not a folder")
+            raise UsageError.one("a checkpoint root must be a folder", "not_a_folder", source=os.fspath(path))
         return cls(given, real)
 
 
 def locate_checkpoint(requested: str, roots: Sequence[CheckpointRoot]) -> Path:
     """The real folder of the checkpoint ``requested`` names, checked to lie under a root.
 
-    Raises CheckpointPathError: 403 for a path outside the roots (or no roots at all), 404 for a
-    path inside a root where no checkpoint (``context/io.json``) is found.
+    Raises CheckpointForbiddenError for a path outside the roots (or no roots at all),
+    CheckpointNotFoundError for a path inside a root where no checkpoint (``context/io.json``) is.
     """
     if not roots:
-        raise CheckpointPathError(
-            403, "this service reads no checkpoints (started without --checkpoint-root)"
-        )
+        raise _forbidden("this service reads no checkpoints (started without --checkpoint-root)", requested)
     if not requested or "\x00" in requested:
-        raise CheckpointPathError(403, "a checkpoint path must be a non-empty path without NUL bytes")
+        raise _forbidden("a checkpoint path must be a non-empty path without NUL bytes", requested)
     pure = PurePosixPath(requested)
     if ".." in pure.parts:
-        raise CheckpointPathError(403, "'..' is not allowed in a checkpoint path")
+        raise _forbidden("'..' is not allowed in a checkpoint path", requested)
     if pure.is_absolute():
         candidates = [(root, Path(pure)) for root in roots if _within(Path(pure), root.given, root.real)]
         if not candidates:
-            raise CheckpointPathError(403, f"{requested} is not under a checkpoint root of this service")
+            raise _forbidden(f"{requested} is not under a checkpoint root of this service", requested)
         candidates = candidates[:1]
     else:
         candidates = [(root, root.real / pure) for root in roots]
     for root, candidate in candidates:
         real = Path(os.path.realpath(candidate))
         if not _within(real, root.real):
-            raise CheckpointPathError(403, f"{requested} leads out of its checkpoint root (a symlink)")
+            raise _forbidden(f"{requested} leads out of its checkpoint root (a symlink)", requested)
         io_json = real / "context" / "io.json"
         if not io_json.is_file():
             continue
         if not _within(Path(os.path.realpath(io_json)), root.real):
-            raise CheckpointPathError(403, f"{requested}: context/io.json leads out of its checkpoint root")
+            raise _forbidden(f"{requested}: context/io.json leads out of its checkpoint root", requested)
         return real
-    raise CheckpointPathError(404, f"no checkpoint at {requested} (no folder with a context/io.json)")
+    raise CheckpointNotFoundError.one(
+        "no checkpoint there (no folder with a context/io.json)", "missing_context", input=requested
+    )
 
 
 def _within(path: Path, *roots: Path) -> bool:

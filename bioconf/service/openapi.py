@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from bioconf.schema.json_schema import json_schema
-from bioconf.schema.resolve import POLICIES
-
-PROBLEM_BASE = "https://bioconf.dev/problems/"
+from bioconf.errors import PROBLEM_BASE
+from bioconf.resolve import POLICIES
 
 _REF = "#/components/schemas/"
 
@@ -60,8 +59,8 @@ _VALIDATED = {
         },
         "config": {
             "$ref": _REF + "ModelConfig",
-            "description": "The canonical config: canonical spellings, values equal to their default "
-            "left out (what `save_config` writes).",
+            "description": "The canonical config: canonical spellings, exactly the fields the body "
+            "and its overrides set (what `save_config` writes).",
         },
         "warnings": {"type": "array", "items": {"type": "string"}, "description": "megatron's advice."},
     },

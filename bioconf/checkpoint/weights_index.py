@@ -30,42 +30,28 @@ collectives. These are parsed (so they must be allowed) but not reported.
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import pickle
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Final
 
-import orjson
-
-from bioconf.schema.errors import ConfigIssue, ConfigReadError
-
-METADATA_FILE: Final[str] = ".metadata"
-BACKEND_FILE: Final[str] = "metadata.json"
-
-# The torch dtypes by bytes per element, by the names a pickle uses for them (torch 2.13; a test checks
-# the table against the installed torch).
-_DTYPES_BY_ITEMSIZE: Final[dict[int, tuple[str, ...]]] = {
-    16: ("complex128",),
-    8: ("complex64", "float64", "int64", "uint64"),
-    4: ("complex32", "float32", "int32", "qint32", "uint32"),
-    2: ("bfloat16", "bits16", "float16", "int16", "uint16"),
-    1: (
-        "bits1x8", "bits2x4", "bits4x2", "bits8", "bool", "float4_e2m1fn_x2", "float8_e4m3fn",
-        "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "int1", "int2", "int3",
-        "int4", "int5", "int6", "int7", "int8", "qint8", "quint2x4", "quint4x2", "quint8", "uint1",
-        "uint2", "uint3", "uint4", "uint5", "uint6", "uint7", "uint8",
-    ),
-}  # fmt: skip
-DTYPE_ITEMSIZE: Final[dict[str, int]] = {
-    name: size for size, names in _DTYPES_BY_ITEMSIZE.items() for name in names
-}
-"""Bytes per element of each torch dtype, by canonical name (``"bfloat16": 2``)."""
-
+from bioconf.checkpoint.layout import BACKEND_FILE, METADATA_FILE, locate
+from bioconf.checkpoint.unpickling import (
+    _DCP,
+    _FILESYSTEM,
+    _PLANNER,
+    DCP_METADATA_GLOBALS,
+    DTYPE_ITEMSIZE,
+    PATH_MODULES,
+    Malformed,
+    unpickle,
+)
+from bioconf.errors import CheckpointError
+from bioconf.fs import read_bytes
+from bioconf.schema.files import loads_json
 
 # ---- stand-ins ----------------------------------------------------------------------------------
 
@@ -93,7 +79,7 @@ class _Record(metaclass=_Sealed):
 
     def __setstate__(self, state: Any) -> None:
         if type(state) is not dict or not all(type(key) is str for key in state):
-            raise _Malformed(f"{type(self).__name__} with a state that is not a dict of fields")
+            raise Malformed(f"{type(self).__name__} with a state that is not a dict of fields")
         self.state = state
 
 
@@ -148,7 +134,7 @@ class _TensorProperties(_Record):
 
     def __setstate__(self, state: Any) -> None:
         if type(state) is not tuple or len(state) != 5:
-            raise _Malformed("TensorProperties with a state that is not its 5-tuple")
+            raise Malformed("TensorProperties with a state that is not its 5-tuple")
         self.state = dict(zip(("dtype", "layout", "requires_grad", "memory_format", "pin_memory"), state))
 
 
@@ -165,7 +151,7 @@ class _Size(tuple, metaclass=_Sealed):
 
     def __new__(cls, dims: Any = ()) -> _Size:
         if type(dims) not in (tuple, list) or not all(type(d) is int and d >= 0 for d in dims):
-            raise _Malformed(f"torch.Size of {dims!r}: not a sequence of non-negative ints")
+            raise Malformed(f"torch.Size of {dims!r}: not a sequence of non-negative ints")
         return super().__new__(cls, dims)
 
 
@@ -176,7 +162,7 @@ class _Layout(str, metaclass=_Sealed):
 
     def __new__(cls, name: Any) -> _Layout:
         if type(name) is not str:
-            raise _Malformed(f"a layout named {name!r}")
+            raise Malformed(f"a layout named {name!r}")
         return super().__new__(cls, name)
 
 
@@ -188,7 +174,7 @@ class _EnumMember(str, metaclass=_Sealed):
 
     def __new__(cls, value: Any) -> _EnumMember:
         if type(value) is not int or value not in cls._MEMBERS:
-            raise _Malformed(f"{cls.__name__.lstrip('_')}({value!r}): no such member")
+            raise Malformed(f"{cls.__name__.lstrip('_')}({value!r}): no such member")
         return super().__new__(cls, cls._MEMBERS[value])
 
 
@@ -214,7 +200,7 @@ class _PosixPath(str, metaclass=_Sealed):
 
     def __new__(cls, *parts: Any) -> _PosixPath:
         if not all(type(part) is str for part in parts):
-            raise _Malformed(f"a path made of {parts!r}")
+            raise Malformed(f"a path made of {parts!r}")
         return super().__new__(cls, str(cls._PURE(*parts)))
 
 
@@ -222,11 +208,6 @@ class _WindowsPath(_PosixPath):
     __slots__ = ()
     _PURE: Final = PureWindowsPath
 
-
-_DCP: Final = "torch.distributed.checkpoint.metadata"
-_FILESYSTEM: Final = "torch.distributed.checkpoint.filesystem"
-_PLANNER: Final = "torch.distributed.checkpoint.planner"
-_PATH_MODULES: Final = ("pathlib", "pathlib._local")  # Python 3.13 defines the path classes in _local
 
 ALLOWED_GLOBALS: Final[dict[tuple[str, str], Any]] = {
     (_DCP, "Metadata"): _Metadata,
@@ -246,39 +227,13 @@ ALLOWED_GLOBALS: Final[dict[tuple[str, str], Any]] = {
     ("torch", "Size"): _Size,
     ("torch.serialization", "_get_layout"): _Layout,
     **{("torch", name): _Dtype(name) for name in DTYPE_ITEMSIZE},
-    **{(module, name): _PosixPath for module in _PATH_MODULES for name in ("PosixPath", "PurePosixPath")},
+    **{(module, name): _PosixPath for module in PATH_MODULES for name in ("PosixPath", "PurePosixPath")},
     **{
-        (module, name): _WindowsPath
-        for module in _PATH_MODULES
-        for name in ("WindowsPath", "PureWindowsPath")
+        (module, name): _WindowsPath for module in PATH_MODULES for name in ("WindowsPath", "PureWindowsPath")
     },
 }
-"""Every (module, name) a DCP ``.metadata`` may name, and the stand-in it resolves to."""
-
-
-class _Malformed(Exception):
-    """The pickle is readable but is not DCP metadata (reported with the file's name)."""
-
-
-class _Refused(Exception):
-    """The pickle names a global outside ALLOWED_GLOBALS."""
-
-    def __init__(self, module: str, name: str):
-        super().__init__(f"{module}.{name}")
-        self.module, self.name = module, name
-
-
-class _Unpickler(pickle.Unpickler):
-    """An unpickler whose globals are ALLOWED_GLOBALS' stand-ins and nothing else."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return ALLOWED_GLOBALS[module, name]
-        except KeyError:
-            raise _Refused(str(module), str(name)) from None
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise _Malformed(f"a persistent id {pid!r} (DCP metadata has none)")
+"""The stand-in each of DCP_METADATA_GLOBALS resolves to."""
+assert ALLOWED_GLOBALS.keys() == DCP_METADATA_GLOBALS
 
 
 # ---- the plain result ---------------------------------------------------------------------------
@@ -387,80 +342,28 @@ class WeightsMetadata:
 # ---- reading ------------------------------------------------------------------------------------
 
 
-def _error(message: str, kind: str, source: Path | str, value: Any = None) -> ConfigReadError:
-    return ConfigReadError([ConfigIssue(message, kind, input=value, source=str(source))])
-
-
-def find_weights_dir(ckpt_dir: str | os.PathLike[str]) -> Path:
-    """``<ckpt>/weights``; the weights folder itself (holding ``.metadata``) is also accepted."""
-    given = Path(ckpt_dir)
-    for candidate in (given / "weights", given):
-        if (candidate / METADATA_FILE).is_file():
-            return candidate
-    weights = given / "weights"
-    if not given.is_dir():
-        why = "no such folder"
-    elif not weights.is_dir():
-        why = "no weights/ folder in it"
-    else:
-        why = f"no {METADATA_FILE} in weights/"
-        backend = read_backend(weights)
-        if backend is not None and backend.get("sharded_backend") != "torch_dist":
-            why += f"; its {BACKEND_FILE} names sharded_backend {backend.get('sharded_backend')!r}"
-    raise _error(
-        f"not a torch_dist checkpoint: expected its weight index in {weights / METADATA_FILE} ({why})",
-        "missing_weights",
-        given,
-    )
-
-
 def read_backend(weights_dir: Path) -> dict[str, Any] | None:
     """megatron's ``metadata.json`` in ``weights_dir``, or None when there is none."""
     path = weights_dir / BACKEND_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except OSError as error:
-        raise _error(f"cannot read file: {error.strerror}", "read_error", path) from None
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise _error(f"invalid JSON: {error.msg}", "json_invalid", path) from None
+    document = loads_json(read_bytes(path, CheckpointError), str(path), CheckpointError)
     if not isinstance(document, dict):
-        raise _error("expected a JSON object", "not_a_mapping", path, type(document).__name__)
+        raise CheckpointError.one(
+            "expected a JSON object", "not_a_mapping", source=path, input=type(document).__name__
+        )
     return document
 
 
 def load_dcp_metadata(path: Path) -> _Metadata:
-    """Unpickle a DCP ``.metadata`` file with only ALLOWED_GLOBALS resolvable."""
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise _error(f"cannot read file: {error.strerror}", "read_error", path) from None
-    try:
-        result = _Unpickler(io.BytesIO(raw)).load()
-    except _Refused as refused:
-        raise _error(
-            f"refused to load global '{refused.module}.{refused.name}': a DCP .metadata names only "
-            "torch.distributed.checkpoint's own classes, torch.Size and torch dtypes "
-            "(nothing was imported or run)",
-            "unsafe_pickle",
-            path,
-            f"{refused.module}.{refused.name}",
-        ) from None
-    except _Malformed as error:
-        raise _error(f"not DCP metadata: {error}", "not_dcp_metadata", path) from None
-    except Exception as error:  # anything else an untrusted pickle can raise
-        raise _error(
-            f"not a readable pickle: {type(error).__name__}: {error}", "pickle_invalid", path
-        ) from None
+    """Unpickle a DCP ``.metadata`` file into stand-ins (DCP_METADATA_GLOBALS only)."""
+    result = unpickle(read_bytes(path, CheckpointError), ALLOWED_GLOBALS, path, "DCP metadata")
     if not isinstance(result, _Metadata):
-        raise _error(
+        raise CheckpointError.one(
             "not DCP metadata: the pickle holds no torch.distributed.checkpoint Metadata",
             "not_dcp_metadata",
-            path,
-            type(result).__name__,
+            source=path,
+            input=type(result).__name__,
         )
     return result
 
@@ -478,7 +381,7 @@ def _field(record: _Record, name: str, kinds: type | tuple[type, ...], where: st
     if not isinstance(value, kinds):
         got = "missing" if value is None else f"a {type(value).__name__}"
         prefix = f"{where}: " if where else ""
-        raise _Malformed(f"{prefix}{_RECORD_NAMES[type(record)]}.{name} is {got}")
+        raise Malformed(f"{prefix}{_RECORD_NAMES[type(record)]}.{name} is {got}")
     return value
 
 
@@ -488,7 +391,7 @@ def _storage_index(metadata: _Metadata) -> dict[tuple[str, tuple[int, ...] | Non
     index = {}
     for key, info in storage.items():
         if not isinstance(key, _MetadataIndex) or not isinstance(info, _StorageInfo):
-            raise _Malformed("Metadata.storage_data is not a map of MetadataIndex to _StorageInfo")
+            raise Malformed("Metadata.storage_data is not a map of MetadataIndex to _StorageInfo")
         fqn = _field(key, "fqn", str, "storage_data")
         index[fqn, _field(key, "offset", (_Size, type(None)), fqn)] = info
     return index
@@ -501,7 +404,7 @@ def _location(
     info = storage.get((fqn, offsets))
     if info is None:
         at = "" if offsets is None else f" at offsets {list(offsets)}"
-        raise _Malformed(f"{fqn}{at}: no storage_data entry says where its bytes are")
+        raise Malformed(f"{fqn}{at}: no storage_data entry says where its bytes are")
     return (
         _field(info, "relative_path", str, fqn),
         _field(info, "offset", int, fqn),
@@ -515,7 +418,7 @@ def _tensor(name: str, item: _TensorStorageMetadata, storage: dict[Any, _Storage
     chunks = []
     for chunk in _field(item, "chunks", list, name):
         if not isinstance(chunk, _ChunkStorageMetadata):
-            raise _Malformed(f"{name}: a chunk that is not a ChunkStorageMetadata")
+            raise Malformed(f"{name}: a chunk that is not a ChunkStorageMetadata")
         offsets = _field(chunk, "offsets", _Size, name)
         chunks.append(
             Chunk(
@@ -540,9 +443,9 @@ def _sorted(items: Iterable[Any]) -> tuple[Any, ...]:
 def read_weights_metadata(ckpt_dir: str | os.PathLike[str]) -> WeightsMetadata:
     """The tensors and objects of the torch_dist checkpoint at ``ckpt_dir`` (its ``weights/.metadata``
     and ``metadata.json``), read without torch and without importing or calling anything the file
-    names. Raises ConfigReadError naming the file: missing, not a pickle, a refused global, not DCP
+    names. Raises CheckpointError naming the file: missing, not a pickle, a refused global, not DCP
     metadata."""
-    weights = find_weights_dir(ckpt_dir)
+    weights = locate(ckpt_dir).require_weights()
     path = weights / METADATA_FILE
     backend = read_backend(weights)
     metadata = load_dcp_metadata(path)
@@ -551,14 +454,14 @@ def read_weights_metadata(ckpt_dir: str | os.PathLike[str]) -> WeightsMetadata:
         tensors, objects = [], []
         for name, item in _field(metadata, "state_dict_metadata", dict).items():
             if not isinstance(name, str):
-                raise _Malformed(f"a state dict key {name!r} that is not a string")
+                raise Malformed(f"a state dict key {name!r} that is not a string")
             if isinstance(item, _TensorStorageMetadata):
                 tensors.append(_tensor(name, item, storage))
             elif isinstance(item, _BytesStorageMetadata):
                 objects.append(ObjectInfo(name, *_location(storage, name, None)))
             else:
-                raise _Malformed(f"{name}: an item that is neither a tensor nor bytes")
+                raise Malformed(f"{name}: an item that is neither a tensor nor bytes")
         version = _field(metadata, "version", (str, type(None)))
-    except _Malformed as error:
-        raise _error(f"not DCP metadata: {error}", "not_dcp_metadata", path) from None
+    except Malformed as error:
+        raise CheckpointError.one(f"not DCP metadata: {error}", "not_dcp_metadata", source=path) from None
     return WeightsMetadata(weights, backend, version, _sorted(tensors), _sorted(objects))

@@ -37,12 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import orjson
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
-from bioconf.schema.errors import ConfigError, ConfigIssue, ConfigReadError, issues_from_validation
-from bioconf.schema.files import fsync_path, replace_directory
+from bioconf.checkpoint.layout import CONTEXT_DIR, IO_JSON, MODEL_YAML, CheckpointPaths, locate
+from bioconf.errors import CheckpointError, ConfigIssue, issues_from_validation
+from bioconf.fs import fsync_path, read_bytes, refuse_existing, replace_directory, write_synced
+from bioconf.schema.files import loads_json
 from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS
 from bioconf.schema.model import ModelConfig
 from bioconf.schema.names import ACTIVATIONS, activation_from_import, canonical_dtype
@@ -104,6 +105,8 @@ class CheckpointConfig:
 
     path: Path
     """The ``io.json`` read."""
+    paths: CheckpointPaths
+    """Where this checkpoint's parts lie (``paths.root`` is the checkpoint folder)."""
     class_path: str
     """The config class the file names, ``"module:Qualname"``."""
     config: ModelConfig
@@ -299,57 +302,29 @@ def _model_cls_name(value: Any, class_path: str) -> Any:
     return _as_data(value)
 
 
-def _find_io_json(ckpt_dir: str | os.PathLike[str]) -> Path:
-    """``<ckpt>/context/io.json``; a context folder or the io.json itself are also accepted."""
-    given = Path(ckpt_dir)
-    for candidate in (given / "context" / "io.json", given / "io.json"):
-        if candidate.is_file():
-            return candidate
-    if given.is_file():
-        return given
-    expected = given / "context" / "io.json"
-    why = "no such folder" if not given.exists() else "no context/io.json in it"
-    raise ConfigReadError(
-        [
-            ConfigIssue(
-                f"not a NeMo 2 checkpoint: expected its settings in {expected} ({why})",
-                "missing_context",
-                source=str(given),
-            )
-        ]
-    )
-
-
 def _parse(raw: bytes, source: str) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
+        return loads_json(raw, source, CheckpointError)
+    except CheckpointError:
         try:  # fiddle writes with json.dumps, which spells non-finite floats NaN / Infinity
             return json.loads(raw)
         except ValueError:
             pass
-        line = raw.count(b"\n", 0, error.pos) + 1
-        raise ConfigReadError(
-            [ConfigIssue(f"invalid JSON: {error.msg}", "json_invalid", source=source, line=line)]
-        ) from None
+        raise
 
 
 def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig:
     """The model config of the NeMo 2 checkpoint at ``ckpt_dir`` (its ``context/io.json``), read as
-    data: nothing the file names is imported. Raises ConfigReadError when the file is missing or
-    not a fiddle serialization with a model config, ConfigError when ModelConfig rejects a value."""
-    path = _find_io_json(ckpt_dir)
+    data: nothing the file names is imported. Raises CheckpointError when the file is unreadable,
+    not a fiddle serialization with a model config or holds a value ModelConfig rejects (its
+    subclass CheckpointNotFoundError when there is no io.json)."""
+    paths = locate(ckpt_dir)
+    path = paths.require_context()
     source = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise ConfigReadError(
-            [ConfigIssue(f"cannot read file: {error.strerror}", "read_error", source=source)]
-        ) from None
-    document = _parse(raw, source)
+    document = _parse(read_bytes(path, CheckpointError), source)
     objects = document.get("objects") if isinstance(document, dict) else None
     if not isinstance(objects, dict):
-        raise ConfigReadError(
+        raise CheckpointError(
             [
                 ConfigIssue(
                     "not a fiddle serialization: expected a JSON object with 'root' and 'objects'",
@@ -369,7 +344,7 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
         None,
     )
     if key is None:
-        raise ConfigReadError(
+        raise CheckpointError(
             [
                 ConfigIssue(
                     f"no model config: no object in the file has the path {MODEL_CONFIG_PATH!r} "
@@ -386,7 +361,7 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
     except (_Malformed, KeyError, TypeError, ValueError, AttributeError) as error:
         raise _malformed(error, ("model", "config"), source) from None
     if not isinstance(node, _Buildable) or not isinstance(node.target, _Pyref):
-        raise ConfigReadError(
+        raise CheckpointError(
             [
                 ConfigIssue(
                     f"the object at {MODEL_CONFIG_PATH!r} is not a config of a named class",
@@ -407,9 +382,10 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
     try:
         config = ModelConfig.model_validate(known)
     except ValidationError as error:
-        raise ConfigError(issues_from_validation(error, source)) from None
+        raise CheckpointError(issues_from_validation(error, source)) from None
     return CheckpointConfig(
         path=path,
+        paths=paths,
         class_path=class_path,
         config=config,
         unknown_fields=unknown,
@@ -417,9 +393,9 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig
     )
 
 
-def _malformed(error: Exception, loc: tuple[str, ...], source: str) -> ConfigReadError:
+def _malformed(error: Exception, loc: tuple[str, ...], source: str) -> CheckpointError:
     detail = str(error) if isinstance(error, _Malformed) else f"{type(error).__name__}: {error}"
-    return ConfigReadError(
+    return CheckpointError(
         [
             ConfigIssue(
                 f"not a fiddle serialization of a config: {detail}", "not_fiddle", loc=loc, source=source
@@ -566,13 +542,6 @@ def _model_yaml(config: ModelConfig, class_path: str) -> bytes:
     return (header + yaml.safe_dump(written, sort_keys=False)).encode()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 def write_checkpoint_context(
     config: ModelConfig, ckpt_dir: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
@@ -586,17 +555,8 @@ def write_checkpoint_context(
     the second rename fails the old one is put back).
     """
     ckpt = Path(ckpt_dir)
-    context = ckpt / "context"
-    if context.exists() and not overwrite:
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    "a checkpoint context already exists here; pass overwrite=True to replace it",
-                    "context_exists",
-                    source=str(context),
-                )
-            ]
-        )
+    context = ckpt / CONTEXT_DIR
+    refuse_existing(context, overwrite)
     document = checkpoint_context_document(config)
     # json.dumps as fiddle does (NaN / Infinity spelled as Python's json module spells them).
     io_json = json.dumps(document).encode()
@@ -604,11 +564,11 @@ def write_checkpoint_context(
     ckpt.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".context.", suffix=".tmp", dir=ckpt))
     try:
-        _write_synced(staging / "io.json", io_json)
-        _write_synced(staging / "model.yaml", _model_yaml(config, class_path))
+        write_synced(staging / IO_JSON, io_json)
+        write_synced(staging / MODEL_YAML, _model_yaml(config, class_path))
         fsync_path(staging)
         replace_directory(staging, context)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return context / "io.json"
+    return context / IO_JSON

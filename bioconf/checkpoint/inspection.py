@@ -12,20 +12,20 @@ from typing import Any, Literal
 
 import orjson
 
-from bioconf.schema.nemo_context import read_checkpoint_config
-from bioconf.schema.weights_metadata import read_weights_metadata
+from bioconf.checkpoint.context import read_checkpoint_config
+from bioconf.checkpoint.weights_index import read_weights_metadata
 
 
 def inspect_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint's model config (class, explicit fields, fields bioconf does not model) and its
     weights (backend, tensors with shape/dtype/bytes/chunks, non-tensor items), as JSON-ready data.
-    Raises ConfigReadError (a file missing or unreadable, a refused pickle global) or ConfigError
-    (a config value ModelConfig rejects)."""
+    Raises CheckpointError: a file missing or unreadable, a refused pickle global, a config value
+    ModelConfig rejects."""
     checkpoint = read_checkpoint_config(ckpt_dir)
     weights = read_weights_metadata(ckpt_dir)
     values = checkpoint.config.to_dict()
     return {
-        "checkpoint": os.fspath(ckpt_dir),
+        "checkpoint": str(checkpoint.paths.root),
         "config": {
             "path": str(checkpoint.path),
             "class": checkpoint.class_path,

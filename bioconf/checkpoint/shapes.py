@@ -1,0 +1,226 @@
+"""Which weights each config field shapes: the one table the resolver and the loader read.
+
+A field that fixes a weight's shape, its layout or whether it exists maps to the prefixes of the
+state-dict keys of megatron-core's GPTModel / BertModel it shapes: the keys of
+``model.sharded_state_dict()`` (one entry per layer), which ``initial_ckpt_skip_keys_with_these_prefixes``
+is matched against. The resolver uses it to tell, before any weight is read, whether a kept value
+that differs from the checkpoint's would break the load; the loader to name the fields behind a
+shape that does not fit. Plain data: nothing here imports torch or megatron.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Final
+
+from bioconf.checkpoint.layout import MODULE_PREFIX
+from bioconf.schema.model import MODEL_CLS_ALIASES, ModelConfig
+
+# Placeholders: "*" is every weight of the model; "{block}" is its transformer
+# block, "decoder" in GPTModel and "encoder" in BertModel; "{layer}" is each layer of that block,
+# "{block}.layers.0.", "{block}.layers.1.", ... (skipping "decoder.layers." or every layer counts).
+# tests/test_resolve.py builds tiny models with megatron-core 0.16.1's local layer specs and checks
+# that changing a field changes only weights under its prefixes, and that the rest change none.
+# Not here: parallel sizes and dtypes (distributed checkpoints reshard and cast), transformer_impl and
+# moe_grouped_gemm (module layouts whose sharded state dicts name the same checkpoint tensors), rotary
+# settings (no weights), and what changes computation only (dropout, epsilon, activation, fusions, ...).
+SHAPE_PREFIXES: Final[dict[str, tuple[str, ...]]] = {
+    "model_cls": ("*",),  # gpt against bert; a user class is compared with nothing
+    "hidden_size": ("*",),
+    "num_layers": ("{block}.layers.",),
+    "normalization": ("{layer}", "{block}.final_layernorm.", "lm_head."),  # LayerNorm has a bias
+    # attention: linear_qkv (its bias also follows add_bias_linear), linear_proj, q/k_layernorm,
+    # core_attention.softmax_offset. Heads and groups also fix how linear_qkv splits into heads: with
+    # kv_channels derived, 4 -> 8 heads keeps its shape but not its meaning.
+    "num_attention_heads": ("{layer}self_attention.",),
+    "num_query_groups": ("{layer}self_attention.",),
+    "kv_channels": ("{layer}self_attention.",),
+    "add_qkv_bias": ("{layer}self_attention.linear_qkv.",),
+    "attention_output_gate": ("{layer}self_attention.linear_qkv.",),
+    "qk_layernorm": ("{layer}self_attention.",),
+    "softmax_type": ("{layer}self_attention.",),
+    "multi_latent_attention": ("{layer}self_attention.",),
+    "dsa_indexer_n_heads": ("{layer}self_attention.",),
+    "dsa_indexer_head_dim": ("{layer}self_attention.",),
+    "experimental_attention_variant": ("{layer}",),
+    "linear_attention_freq": ("{layer}",),
+    "linear_conv_kernel_dim": ("{layer}",),
+    "linear_key_head_dim": ("{layer}",),
+    "linear_value_head_dim": ("{layer}",),
+    "linear_num_key_heads": ("{layer}",),
+    "linear_num_value_heads": ("{layer}",),
+    # MLP and MoE: linear_fc1 / linear_fc2, router (and its expert_bias), experts, shared_experts
+    "ffn_hidden_size": ("{layer}mlp.",),
+    "gated_linear_unit": ("{layer}mlp.",),
+    "add_bias_linear": ("{layer}self_attention.", "{layer}mlp."),
+    "num_moe_experts": ("{layer}mlp.",),
+    "moe_ffn_hidden_size": ("{layer}mlp.",),
+    "moe_layer_freq": ("{layer}mlp.",),
+    "moe_shared_expert_intermediate_size": ("{layer}mlp.",),
+    "moe_shared_expert_gate": ("{layer}mlp.",),
+    "moe_router_enable_expert_bias": ("{layer}mlp.",),
+    "moe_latent_size": ("{layer}mlp.",),
+    # embeddings and heads
+    "vocab_size": ("embedding.word_embeddings.", "output_layer."),
+    "seq_length": ("embedding.position_embeddings.",),
+    "position_embedding_type": ("embedding.position_embeddings.",),
+    "num_tokentypes": ("embedding.tokentype_embeddings.",),
+    "share_embeddings_and_output_weights": ("output_layer.",),
+    "add_binary_head": ("binary_head.", "pooler."),
+    "mtp_num_layers": ("mtp.",),
+    # Mamba mixers: only a user model class (MambaModel and the like) builds them
+    "mamba_state_dim": ("{layer}",),
+    "mamba_head_dim": ("{layer}",),
+    "mamba_num_groups": ("{layer}",),
+    "mamba_num_heads": ("{layer}",),
+}
+
+
+def _always(c: ModelConfig) -> bool:
+    return True
+
+
+def _learned_positions(c: ModelConfig) -> bool:
+    return c.position_embedding_type == "learned_absolute"
+
+
+def _has_experts(c: ModelConfig) -> bool:
+    return c.num_moe_experts is not None
+
+
+def _dsa(c: ModelConfig) -> bool:
+    return c.experimental_attention_variant == "dsa"
+
+
+def _gated_delta_net(c: ModelConfig) -> bool:
+    return c.experimental_attention_variant == "gated_delta_net"
+
+
+def _user_model_class(c: ModelConfig) -> bool:
+    return isinstance(c.model_cls, str) and c.model_cls not in MODEL_CLS_ALIASES
+
+
+# Shape fields that size weights only in some models: the condition on the model being built.
+SHAPES_ONLY_WHEN: Final[dict[str, Callable[[ModelConfig], bool]]] = {
+    "seq_length": _learned_positions,
+    "moe_ffn_hidden_size": _has_experts,
+    "moe_layer_freq": _has_experts,
+    "moe_shared_expert_intermediate_size": _has_experts,
+    "moe_shared_expert_gate": _has_experts,
+    "moe_router_enable_expert_bias": _has_experts,
+    "moe_latent_size": _has_experts,
+    "dsa_indexer_n_heads": _dsa,
+    "dsa_indexer_head_dim": _dsa,
+    "linear_attention_freq": _gated_delta_net,
+    "linear_conv_kernel_dim": _gated_delta_net,
+    "linear_key_head_dim": _gated_delta_net,
+    "linear_value_head_dim": _gated_delta_net,
+    "linear_num_key_heads": _gated_delta_net,
+    "linear_num_value_heads": _gated_delta_net,
+    "mamba_state_dim": _user_model_class,
+    "mamba_head_dim": _user_model_class,
+    "mamba_num_groups": _user_model_class,
+    "mamba_num_heads": _user_model_class,
+}
+
+# The top-level weights of the models bioconf builds (every state-dict key starts with one) and
+# whether the model being built has them: GPTModel has no output_layer when it shares the word
+# embeddings, BertModel keeps its output_layer.bias either way.
+_BLOCK: Final[dict[str, str]] = {"gpt": "decoder", "bert": "encoder"}
+_MODULES: Final[dict[str, dict[str, Callable[[ModelConfig], bool]]]] = {
+    "gpt": {
+        "embedding.word_embeddings.": _always,
+        "embedding.position_embeddings.": _learned_positions,
+        "decoder.": _always,
+        "output_layer.": lambda c: not c.share_embeddings_and_output_weights,
+        "mtp.": lambda c: bool(c.mtp_num_layers),
+    },
+    "bert": {
+        "embedding.word_embeddings.": _always,
+        "embedding.position_embeddings.": _learned_positions,
+        "embedding.tokentype_embeddings.": lambda c: c.num_tokentypes > 0,
+        "encoder.": _always,
+        "lm_head.": _always,
+        "output_layer.": _always,
+        "binary_head.": lambda c: c.add_binary_head,
+        "pooler.": lambda c: c.add_binary_head,
+    },
+}
+
+# Shape fields whose None means "not recorded" (the model cannot be built without them), not a shape.
+UNRECORDED_WHEN_NONE: Final[frozenset[str]] = frozenset({"vocab_size", "seq_length"})
+
+
+def shaped_weights(config: ModelConfig, name: str) -> tuple[str, ...] | None:
+    """The key prefixes of the weights field ``name`` shapes in the model ``config`` builds (empty when
+    it builds none of them); None when bioconf cannot tell (a user model class)."""
+    family = config.model_cls
+    if family not in _MODULES:
+        return None
+    present = [module for module, exists in _MODULES[family].items() if exists(config)]
+    block = _BLOCK[family]
+    prefixes: list[str] = []
+    for pattern in SHAPE_PREFIXES[name]:
+        if pattern == "*":
+            prefixes.extend(present)
+        elif "{layer}" in pattern:
+            prefixes.extend(
+                pattern.format(layer=f"{block}.layers.{i}.", block=block) for i in range(config.num_layers)
+            )
+        else:
+            prefixes.append(pattern.format(block=block))
+    return tuple(p for p in prefixes if any(p.startswith(module) for module in present))
+
+
+def is_skipped(prefix: str, skips: list[str]) -> bool:
+    """The runtime skips a key that starts with a skip prefix: a broader (or equal) skip covers ``prefix``."""
+    return any(prefix.startswith(skip) for skip in skips)
+
+
+# The fields of SHAPE_PREFIXES that set a weight's size (the others decide whether a weight exists or
+# how it is laid out): what a shape mismatch is explained by.
+RESIZES: Final[frozenset[str]] = frozenset(
+    {
+        "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "kv_channels",
+        "attention_output_gate", "dsa_indexer_n_heads", "dsa_indexer_head_dim", "linear_conv_kernel_dim",
+        "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+        "ffn_hidden_size", "gated_linear_unit", "num_moe_experts", "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size", "moe_latent_size", "vocab_size", "seq_length",
+        "num_tokentypes", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
+    }
+)  # fmt: skip
+assert SHAPE_PREFIXES.keys() >= RESIZES
+
+_ANY_BLOCK: Final = r"(?:decoder|encoder)"
+
+
+def _key_pattern(prefix: str) -> re.Pattern[str]:
+    """A SHAPE_PREFIXES entry as a regex over checkpoint keys, whose layers may be stacked (no index)."""
+    if prefix == "*":
+        return re.compile("")
+    text = re.escape(prefix).replace(r"\{layer\}", rf"{_ANY_BLOCK}\.layers\.(?:\d+\.)?")
+    return re.compile(text.replace(r"\{block\}", _ANY_BLOCK))
+
+
+_KEY_PATTERNS: Final[dict[str, tuple[re.Pattern[str], ...]]] = {
+    name: tuple(_key_pattern(prefix) for prefix in prefixes) for name, prefixes in SHAPE_PREFIXES.items()
+}
+
+
+def shaped_by(checkpoint_key: str, config: Any = None) -> tuple[str, ...]:
+    """The fields that set the size of the tensor stored under ``checkpoint_key`` (``module.`` or
+    not), in table order. With ``config`` (a schema or runtime config), fields that size nothing in
+    that model are left out; without one, so are all conditional fields. ``num_layers`` counts only
+    for stacked layers (``...layers.<name>``: a leading layer axis)."""
+    key = checkpoint_key.removeprefix(MODULE_PREFIX)
+    stacked = re.search(r"\blayers\.(?!\d)", key) is not None
+    fields = []
+    for name in SHAPE_PREFIXES:
+        if name not in RESIZES or (name == "num_layers" and not stacked):
+            continue
+        if name in SHAPES_ONLY_WHEN and (config is None or not SHAPES_ONLY_WHEN[name](config)):
+            continue
+        if any(pattern.match(key) for pattern in _KEY_PATTERNS[name]):
+            fields.append(name)
+    return tuple(fields)
