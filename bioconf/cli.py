@@ -191,7 +191,7 @@ def _print_resolved(report: dict[str, Any]) -> None:
     from bioconf.resolve import SOURCES
 
     checkpoint = report["checkpoint"]
-    print(f"checkpoint: {checkpoint['directory']} ({checkpoint['class']}, read from {checkpoint['path']})")
+    print(f"checkpoint: {checkpoint['directory']} ({checkpoint['class']})")
     print(f"policy: {report['policy']} ({len(report['keep'])} fields kept)")
     print(f"fingerprint: sha256:{report['fingerprint']}")
     rows = [("field", "value", "source")]

@@ -22,13 +22,13 @@ from nemo.lightning import io
 from nemo.lightning.io.pl import MegatronCheckpointIO
 from nemo.lightning.megatron_parallel import MegatronParallel
 
-from bioconf.runtime import GPTModelConfig, materialize, to_schema
+from bioconf.checkpoint.context import read_checkpoint_config
 from bioconf.checkpoint.layout import CONTENT_METADATA
+from bioconf.runtime import GPTModelConfig, materialize, to_schema
 from bioconf.runtime.initialize import init_checkpoint
 from bioconf.runtime.save import CpuTorchDistSaveStrategy, nemo_sharded_state_dict, save_checkpoint
 from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
 from bioconf.schema import ModelConfig
-from bioconf.checkpoint.context import read_checkpoint_config
 
 GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
 

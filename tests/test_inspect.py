@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bioconf.checkpoint.inspection import format_inspection, inspect_checkpoint
 from bioconf.checkpoint.context import write_checkpoint_context
-from bioconf.errors import CheckpointError, ConfigReadError
-from bioconf.schema import ModelConfig
+from bioconf.checkpoint.inspection import format_inspection, inspect_checkpoint
 from bioconf.checkpoint.weights_index import ALLOWED_GLOBALS, DTYPE_ITEMSIZE, read_weights_metadata
+from bioconf.errors import CheckpointError, CheckpointNotFoundError
+from bioconf.schema import ModelConfig
 
 # Writes weights/ with torch DCP itself (FileSystemWriter, two writer threads so two shard files) in a
 # one-process gloo group: a tensor split into two chunks (a torch ShardedTensor, which is what megatron
@@ -300,7 +301,7 @@ def _context_only(root: Path) -> Path:
 
 def test_missing_weights_folder(tmp_path: Path):
     root = _context_only(tmp_path / "ckpt")
-    with pytest.raises(ConfigReadError) as caught:
+    with pytest.raises(CheckpointError) as caught:
         inspect_checkpoint(root)
     message = str(caught.value)
     assert str(root / "weights" / ".metadata") in message and "no weights/ folder" in message
@@ -310,18 +311,25 @@ def test_missing_metadata_names_the_backend(tmp_path: Path):
     root = _context_only(tmp_path / "ckpt")
     (root / "weights").mkdir()
     (root / "weights" / "metadata.json").write_text(json.dumps({**BACKEND, "sharded_backend": "zarr"}))
-    with pytest.raises(ConfigReadError, match=r"no \.metadata in weights/; .*sharded_backend 'zarr'"):
+    with pytest.raises(CheckpointError, match=r"no \.metadata in weights/; .*sharded_backend 'zarr'"):
         inspect_checkpoint(root)
 
 
 def test_missing_folder(tmp_path: Path):
-    with pytest.raises(ConfigReadError, match="no such folder"):
+    with pytest.raises(CheckpointError, match="no such folder"):
         read_weights_metadata(tmp_path / "nowhere")
 
 
-def test_missing_context_is_reported(tmp_path: Path, ckpt: Path):
-    with pytest.raises(ConfigReadError, match=r"context/io\.json"):
-        inspect_checkpoint(ckpt / "weights")
+def test_any_part_of_a_checkpoint_names_it_and_a_lone_weights_folder_has_no_context(
+    tmp_path: Path, ckpt: Path
+):
+    whole = inspect_checkpoint(ckpt)
+    for part in (ckpt / "weights", ckpt / "context", ckpt / "context" / "io.json"):
+        assert inspect_checkpoint(part) == whole
+    lone = tmp_path / "copy" / "weights"
+    shutil.copytree(ckpt / "weights", lone)
+    with pytest.raises(CheckpointNotFoundError, match=r"context/io\.json"):
+        inspect_checkpoint(lone)
 
 
 def _weights_with(tmp_path: Path, metadata: bytes) -> Path:
@@ -351,7 +359,7 @@ def _weights_with(tmp_path: Path, metadata: bytes) -> Path:
 )
 def test_unreadable_metadata(tmp_path: Path, payload: bytes, message: str):
     weights = _weights_with(tmp_path, payload)
-    with pytest.raises(ConfigReadError, match=message) as caught:
+    with pytest.raises(CheckpointError, match=message) as caught:
         read_weights_metadata(weights)
     assert caught.value.issues[0].source == str(weights / ".metadata")
 
@@ -359,7 +367,7 @@ def test_unreadable_metadata(tmp_path: Path, payload: bytes, message: str):
 def test_bad_backend_json(tmp_path: Path, ckpt: Path):
     weights = _weights_with(tmp_path, (ckpt / "weights" / ".metadata").read_bytes())
     (weights / "metadata.json").write_text("{")
-    with pytest.raises(ConfigReadError, match="invalid JSON") as caught:
+    with pytest.raises(CheckpointError, match="invalid JSON") as caught:
         read_weights_metadata(weights)
     assert caught.value.issues[0].source == str(weights / "metadata.json")
 
@@ -414,7 +422,7 @@ def test_hostile_pickles_are_refused_and_nothing_runs(tmp_path: Path):
     marker = tmp_path / "pwned"
     for i, (payload, refused) in enumerate(_hostile(marker)):
         weights = _weights_with(tmp_path / str(i), payload)
-        with pytest.raises(ConfigReadError) as caught:
+        with pytest.raises(CheckpointError) as caught:
             read_weights_metadata(weights)
         issue = caught.value.issues[0]
         assert issue.type == "unsafe_pickle"
@@ -440,7 +448,7 @@ def test_stand_ins_cannot_be_altered(tmp_path: Path, ckpt: Path):
     weights = _weights_with(tmp_path, payload)
     stand_in = ALLOWED_GLOBALS["torch", "Size"]
     new = stand_in.__new__
-    with pytest.raises(ConfigReadError, match="read-only"):
+    with pytest.raises(CheckpointError, match="read-only"):
         read_weights_metadata(weights)
     assert stand_in.__new__ is new
     assert read_weights_metadata(ckpt).tensors[0].shape  # torch.Size still reads

@@ -30,16 +30,16 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from bioconf.checkpoint import context as nemo_context
-from bioconf.errors import CheckpointError, CheckpointNotFoundError, ConfigError, ConfigReadError, OutputExistsError
-from bioconf.schema.megatron_fields import NO_JSON_FORM
-from bioconf.schema.model import ModelConfig
-from bioconf.schema.names import ACTIVATIONS
 from bioconf.checkpoint.context import (
     RUNTIME_CONFIG_CLASSES,
     checkpoint_context_document,
     read_checkpoint_config,
     write_checkpoint_context,
 )
+from bioconf.errors import CheckpointError, CheckpointNotFoundError, ConfigReadError, OutputExistsError
+from bioconf.schema.megatron_fields import NO_JSON_FORM
+from bioconf.schema.model import ModelConfig
+from bioconf.schema.names import ACTIVATIONS
 
 HEAVY = ("torch", "fiddle", "nemo", "megatron", "lightning")
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
@@ -234,7 +234,7 @@ def test_failed_write_leaves_old_context_and_no_debris(
             raise OSError("disk full")
         path.write_bytes(data)
 
-    monkeypatch.setattr(nemo_context, "_write_synced", fail_on_yaml)
+    monkeypatch.setattr(nemo_context, "write_synced", fail_on_yaml)
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint_context(_config(num_layers=5), tmp_path, overwrite=True)
     assert calls == ["io.json", "model.yaml"]
@@ -264,7 +264,7 @@ def test_non_finite_floats_in_a_context_are_named(tmp_path: Path) -> None:
 
     io_json = _edit_io_json(tmp_path, infinite_std)
     assert b"Infinity" in io_json.read_bytes()
-    with pytest.raises(ConfigError) as excinfo:
+    with pytest.raises(CheckpointError) as excinfo:
         read_checkpoint_config(tmp_path)
     assert excinfo.value.issues[0].field == "init_method_std"
 
@@ -289,7 +289,7 @@ def test_schema_module_imports_no_torch_fiddle_nemo(tmp_path: Path) -> None:
 
 def test_missing_context_says_what_was_expected(tmp_path: Path) -> None:
     for where, why in ((tmp_path / "nope", "no such folder"), (tmp_path, "no context/io.json")):
-        with pytest.raises(ConfigReadError) as raised:
+        with pytest.raises(CheckpointNotFoundError) as raised:
             read_checkpoint_config(where)
         issue = raised.value.issues[0]
         assert issue.type == "missing_context" and issue.source == str(where)
@@ -302,7 +302,7 @@ def test_missing_model_config_node(tmp_path: Path) -> None:
         tmp_path,
         lambda doc: json.loads(json.dumps(doc).replace("<root>.model.config", "<root>.model.cfg")),
     )
-    with pytest.raises(ConfigReadError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         read_checkpoint_config(tmp_path)
     issue = raised.value.issues[0]
     assert issue.type == "missing_model_config" and issue.source == str(io_json)
@@ -313,7 +313,7 @@ def test_malformed_json(tmp_path: Path) -> None:
     io_json = tmp_path / "context" / "io.json"
     io_json.parent.mkdir()
     io_json.write_text('{"root": {"type": "ref",\n "key": oops}')
-    with pytest.raises(ConfigReadError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         read_checkpoint_config(tmp_path)
     issue = raised.value.issues[0]
     assert (issue.type, issue.source, issue.line) == ("json_invalid", str(io_json), 2)
@@ -323,7 +323,7 @@ def test_malformed_json(tmp_path: Path) -> None:
 def test_json_that_is_not_a_fiddle_document(tmp_path: Path, document: Any) -> None:
     io_json = tmp_path / "io.json"
     io_json.write_bytes(orjson.dumps(document))
-    with pytest.raises(ConfigReadError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         read_checkpoint_config(io_json)
     assert raised.value.issues[0].source == str(io_json)
 
@@ -336,7 +336,7 @@ def test_broken_reference_names_the_file(tmp_path: Path) -> None:
         return doc
 
     io_json = _edit_io_json(tmp_path, drop_tuple)
-    with pytest.raises(ConfigReadError, match="missing object") as raised:
+    with pytest.raises(CheckpointError, match="missing object") as raised:
         read_checkpoint_config(tmp_path)
     assert raised.value.issues[0].source == str(io_json)
 
@@ -350,7 +350,7 @@ def test_invalid_value_names_file_field_and_value(tmp_path: Path) -> None:
         return doc
 
     io_json = _edit_io_json(tmp_path, corrupt)
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         read_checkpoint_config(tmp_path)
     assert not isinstance(raised.value, ConfigReadError)
     by_field = {issue.field: issue for issue in raised.value.issues}
@@ -367,7 +367,7 @@ def test_unknown_activation_is_an_error_not_dropped(tmp_path: Path) -> None:
         return doc
 
     _edit_io_json(tmp_path, custom)
-    with pytest.raises(ConfigError) as raised:
+    with pytest.raises(CheckpointError) as raised:
         read_checkpoint_config(tmp_path)
     assert raised.value.issues[0].field == "activation_func"
     assert raised.value.issues[0].input == "my_pkg.acts.swish2"

@@ -16,7 +16,7 @@ from conftest import EXAMPLES, ROOT, run_cli
 from bioconf import demo
 from bioconf.checkpoint.context import read_checkpoint_config
 from bioconf.errors import CheckpointMismatchError
-from bioconf.schema import ModelConfig, load_config
+from bioconf.schema import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, ModelConfig, load_config
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -54,24 +54,45 @@ def test_examples_are_the_embedded_demo_configs():
 
 
 def test_run_resolves_builds_and_loads(pretrained):
-    report = run(finetune(pretrained), quiet=True)
-    (built,) = report.built
+    config = finetune(pretrained)
+    report = run(config, quiet=True)
     assert report.resolved.sources["hidden_dropout"] == "user"
     assert report.resolved.sources["vocab_size"] == "checkpoint"
-    runtime_config = built.model.config
+    (model,) = report.models
+    runtime_config = model.config
     assert runtime_config.hidden_dropout == 0.1 and runtime_config.vocab_size == 64
     assert runtime_config.params_dtype == torch.float32 and not runtime_config.bf16
-    assert set(built.weights.skipped.values()) == {"lm_head."}
-    assert built.weights.cast  # the bf16 checkpoint was cast into the fp32 model
-    assert built.settings.changed["vocab_size"] == (None, 64)
+    assert set(report.weights.skipped.values()) == {"lm_head."}
+    assert report.weights.cast  # the bf16 checkpoint was cast into the fp32 model
     text = str(report)
     assert "skipped 4 tensors by prefix 'lm_head.'" in text and "policy       explicit" in text
-    assert report.to_dict()["fingerprint"] == report.config.fingerprint()
+
+
+def test_the_model_is_built_from_the_one_merge(pretrained):
+    """One read and one merge: the built model's config is exactly the resolved config."""
+    report = run(finetune(pretrained, attention_dropout=0.2), quiet=True)
+    built = report.models[0].config
+    assert built.to_schema() == report.resolved.config
+    assert built.use_cpu_initialization  # this machine's setting, as an attribute only
+    assert "use_cpu_initialization" not in built.get_hparams()
+
+
+def test_a_config_that_keeps_use_cpu_initialization_runs(pretrained):
+    keep = [*OVERRIDE_BIONEMO_CONFIG_DEFAULTS, "use_cpu_initialization"]
+    report = run(finetune(pretrained, override_parent_fields=keep, use_cpu_initialization=True), quiet=True)
+    assert report.weights.loaded
+
+
+@pytest.mark.parametrize("part", ["", "context", "context/io.json", "weights"])
+def test_any_part_of_the_checkpoint_names_it(pretrained, part):
+    report = run(finetune(pretrained), checkpoint=os.path.join(pretrained, part), quiet=True)
+    assert str(report.resolved.checkpoint.paths.root) == pretrained.rstrip("/")
+    assert report.weights.checkpoint == os.path.join(pretrained, "weights")
 
 
 def test_seed_policy_takes_the_checkpoint_dropout(pretrained):
     report = run(finetune(pretrained), policy="seed", quiet=True)
-    assert report.built[0].model.config.hidden_dropout == 0.0
+    assert report.models[0].config.hidden_dropout == 0.0
 
 
 def test_run_saves_a_checkpoint_the_next_stage_starts_from(pretrained, tmp_path):
@@ -80,7 +101,7 @@ def test_run_saves_a_checkpoint_the_next_stage_starts_from(pretrained, tmp_path)
     saved = read_checkpoint_config(report.saved).config
     assert saved.hidden_dropout == 0.1 and saved.vocab_size == 64 and saved.params_dtype == "float32"
     again = run(ModelConfig(**SMALL_BERT, initial_ckpt_path=str(report.saved)), quiet=True)
-    assert again.built[0].weights.skipped == {}
+    assert again.weights.skipped == {}
 
 
 SMALL_BERT = {"model_cls": "bert", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
@@ -100,7 +121,9 @@ def test_cli_run_text_json_and_exit_codes(pretrained, tmp_path):
     as_json = run_cli("run", str(config), "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
     report = orjson.loads(as_json.stdout)
-    assert report["weights"][0]["skipped"] and report["resolved"]["policy"] == "explicit"
+    assert report["weights"]["skipped"] and report["resolved"]["policy"] == "explicit"
+    validated = orjson.loads(run_cli("validate", str(config), "--format", "json").stdout)
+    assert report["fingerprint"] == validated["files"][0]["fingerprint"]  # the same config, the same hash
     assert run_cli("run", str(config), "--set", "vocab_size=32").returncode == 3
     assert run_cli("run", str(config), "--set", "num_layers=2.5").returncode == 1
     assert run_cli("run", str(config), "--checkpoint", str(tmp_path / "missing")).returncode == 2
@@ -120,7 +143,7 @@ def test_run_under_torchrun_loads_each_rank_and_prints_once(pretrained, tmp_path
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     report = orjson.loads(result.stdout)  # exactly one JSON document: only rank 0 printed
     assert report["world_size"] == 2 and report["rank"] == 0
-    assert report["weights"][0]["skipped"]
+    assert report["weights"]["skipped"]
 
 
 def test_demo_makes_its_checkpoint_once(tmp_path):
@@ -136,4 +159,4 @@ def test_demo_makes_its_checkpoint_once(tmp_path):
 def test_examples_finetune_runs_against_the_demo_checkpoint(tmp_path):
     init_checkpoint(ModelConfig(**demo.PRETRAIN), tmp_path / "esm2-small")
     config = load_config(EXAMPLES / "finetune.json", [f"initial_ckpt_path={tmp_path / 'esm2-small'}"])
-    assert run(config, quiet=True).built[0].weights.loaded
+    assert run(config, quiet=True).weights.loaded

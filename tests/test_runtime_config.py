@@ -7,6 +7,7 @@ import importlib
 import sys
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import nemo.lightning as nl
@@ -19,6 +20,8 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from nemo.lightning import io
 
+from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.errors import CheckpointError, CheckpointNotFoundError, ConfigError
 from bioconf.runtime import (
     BertModelConfig,
     CustomModelConfig,
@@ -30,8 +33,6 @@ from bioconf.runtime import (
     override_mutate_possibly_extra_mutated_fiddle,
     to_schema,
 )
-from bioconf.checkpoint.context import write_checkpoint_context
-from bioconf.errors import ConfigError
 from bioconf.schema import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, ModelConfig
 
 SMALL = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4}
@@ -160,7 +161,7 @@ round_trip_values = st.fixed_dictionaries(
         "num_attention_heads": st.just(4),
     },
     optional={
-        "model_cls": st.sampled_from(["bert", "megatron.core.models.bert.bert_model:BertModel"]),
+        "model_cls": st.sampled_from(["gpt", "bert", "megatron.core.models.bert.bert_model:BertModel"]),
         "params_dtype": st.sampled_from(["float32", "bfloat16", "float16"]),
         "activation_func": st.sampled_from(["gelu", "silu", "squared_relu", "quick_gelu"]),
         "attention_backend": st.sampled_from(["auto", "local", "flash"]),
@@ -182,7 +183,9 @@ def test_schema_runtime_schema_round_trip_is_exact(values):
     schema = ModelConfig.model_validate(values)
     back = to_schema(materialize(schema))
     assert back == schema
-    assert back.model_fields_set == schema.model_fields_set - ({"model_cls"} & {"gpt"})
+    # "gpt" is the default and the class implies it: a runtime GPTModelConfig does not record it.
+    implied = {"model_cls"} if schema.model_cls == "gpt" else set()
+    assert back.model_fields_set == schema.model_fields_set - implied
 
 
 # ---- settings from a checkpoint ----------------------------------------------------------------
@@ -214,8 +217,8 @@ def test_load_settings_from_a_bioconf_checkpoint(tmp_path):
     # override_parent_fields kept (bf16 and params_dtype are in the default keep-list).
     assert (config.bf16, config.params_dtype) == (False, torch.float32)
     assert report.changed["hidden_size"] == (32, 64) and report.changed["ffn_hidden_size"] == (128, 256)
-    assert "bf16" in report.preserved and "init_method" in report.kept
-    assert report.dropped == {} and not report.class_defaults_unknown
+    assert "bf16" in report.kept and "init_method" in report.not_carried
+    assert report.unknown == {} and not report.class_defaults_unknown
 
 
 def test_load_settings_from_a_nemo_checkpoint_whose_class_is_gone(tmp_path):
@@ -253,19 +256,34 @@ def test_load_settings_from_a_nemo_checkpoint_whose_class_is_gone(tmp_path):
     assert (config.num_layers, config.hidden_size, config.vocab_size) == (3, 48, 33)
     assert config.activation_func is torch.nn.functional.silu
     assert report.class_path == f"{name}:ESMLikeConfig" and report.class_defaults_unknown
-    assert report.dropped == {"esm_special": "y"}
+    assert report.unknown == {"esm_special": "y"}
 
 
-def test_failed_load_leaves_the_config_untouched(tmp_path):
-    ckpt = checkpoint(tmp_path, **SMALL, model_cls="no_such_package.models:Model")
-    config = GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2)
+@dataclasses.dataclass
+class RefusesLateDropout(GPTModelConfig):
+    """Refuses one value of attention_dropout, which the override reaches after it has changed
+    earlier fields (num_layers comes first in the dataclass); records num_layers at that moment."""
+
+    seen_at_refusal: ClassVar[list[int]] = []
+
+    def __setattr__(self, name, value):
+        if name == "attention_dropout" and value == 0.33:
+            self.seen_at_refusal.append(self.num_layers)
+            raise ValueError("attention_dropout 0.33 is refused")
+        super().__setattr__(name, value)
+
+
+def test_failed_load_restores_every_field_it_had_changed(tmp_path):
+    ckpt = checkpoint(tmp_path, num_layers=6, hidden_size=128, num_attention_heads=8, attention_dropout=0.33)
+    config = RefusesLateDropout(num_layers=2, hidden_size=32, num_attention_heads=2)
     before = (dict(config.__dict__), dict(config.__io__.__arguments__))
-    with pytest.raises(ConfigError, match=r"io\.json: model_cls: cannot import the model class"):
+    with pytest.raises(CheckpointError, match=r"attention_dropout 0\.33 is refused"):
         config.load_settings_from_checkpoint(str(ckpt))
-    assert (dict(config.__dict__), dict(config.__io__.__arguments__)) == before
+    assert RefusesLateDropout.seen_at_refusal == [6]  # the failure came after num_layers changed ...
+    assert (dict(config.__dict__), dict(config.__io__.__arguments__)) == before  # ... and was undone
 
 
 def test_missing_context_says_what_was_expected(tmp_path):
     config = GPTModelConfig(**SMALL)
-    with pytest.raises(ConfigError, match=r"context/io\.json"):
+    with pytest.raises(CheckpointNotFoundError, match=r"context/io\.json"):
         config.load_settings_from_checkpoint(str(tmp_path))

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.errors import CheckpointForbiddenError, UsageError
 from bioconf.schema import ModelConfig, json_schema, load_config
-from bioconf.errors import CheckpointForbiddenError, CheckpointNotFoundError
 from bioconf.service.checkpoints import CheckpointRoot, locate_checkpoint
 
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
@@ -378,10 +378,10 @@ def test_resolve_status_codes(client):
 
 
 def test_locate_checkpoint_without_roots_refuses_everything(tmp_path):
-    with pytest.raises(CheckpointPathError) as refused:
+    with pytest.raises(CheckpointForbiddenError) as refused:
         locate_checkpoint("small", ())
     assert refused.value.status == 403
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(UsageError, match="must be a folder"):
         CheckpointRoot.of(tmp_path / "missing")
 
 
@@ -391,7 +391,7 @@ def test_locate_checkpoint_without_roots_refuses_everything(tmp_path):
 def test_serve_refuses_a_missing_checkpoint_root(tmp_path):
     result = run_cli("serve", "--checkpoint-root", str(tmp_path / "missing"))
     assert result.returncode == 2
-    assert b"is not a folder" in result.stderr
+    assert b"a checkpoint root must be a folder" in result.stderr
 
 
 def test_serve_without_the_service_extra_says_what_to_install():

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +25,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
+from bioconf.checkpoint.shapes import shaped_by
+from bioconf.errors import CheckpointError, CheckpointNotFoundError, WeightsError
 from bioconf.runtime import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, GPTModelConfig, materialize
 from bioconf.runtime.initialize import init_checkpoint
 from bioconf.runtime.parallel import ensure_parallel_state
-from bioconf.checkpoint.shapes import shaped_by
-from bioconf.errors import WeightsError
 from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
 from bioconf.runtime.weights.reader import _DirectReader, _item_layout, _ItemFile, _read_direct, progress_bar
 from bioconf.schema import ModelConfig
@@ -116,7 +119,7 @@ def test_an_unused_skip_prefix_names_the_nearest_keys(parallel, ckpt):
     (issue,) = caught.value.issues
     assert (issue.type, issue.field, issue.input) == (
         "unused_skip_prefix",
-        "skip_keys_with_these_prefixes",
+        "initial_ckpt_skip_keys_with_these_prefixes",
         "outputlayer.",
     )
     assert "nearest keys: output_layer." in issue.message
@@ -134,7 +137,7 @@ def test_a_shape_mismatch_names_key_shapes_and_fields(parallel, ckpt):
     issue = by_key["embedding.word_embeddings.weight"]
     assert issue.input == {"checkpoint": [128, 64], "model": [256, 64]}
     assert "'module.embedding.word_embeddings.weight'" in issue.message
-    assert "vocab_size=256, hidden_size=64" in issue.message
+    assert "hidden_size=64, vocab_size=256" in issue.message
 
     load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, ["embedding.word_embeddings.", "output_layer."])
 
@@ -142,20 +145,30 @@ def test_a_shape_mismatch_names_key_shapes_and_fields(parallel, ckpt):
 @pytest.mark.parametrize(
     ("key", "fields"),
     [
-        ("module.embedding.word_embeddings.weight", ("vocab_size", "hidden_size")),
+        ("module.embedding.word_embeddings.weight", ("hidden_size", "vocab_size")),
         (
-            "module.decoder.layers.self_attention.linear_qkv.weight",
-            ("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "num_layers"),
+            "module.decoder.layers.self_attention.linear_qkv.weight",  # stacked layers: a layer axis
+            (
+                "hidden_size",
+                "num_layers",
+                "num_attention_heads",
+                "num_query_groups",
+                "kv_channels",
+                "attention_output_gate",
+            ),
         ),
         (
             "module.decoder.layers.3.mlp.linear_fc1.weight",
-            ("ffn_hidden_size", "hidden_size", "gated_linear_unit"),
+            ("hidden_size", "ffn_hidden_size", "gated_linear_unit"),
         ),
         ("module.decoder.final_layernorm.weight", ("hidden_size",)),
     ],
 )
-def test_shaped_by(key, fields):
-    assert shaped_by(key) == fields
+def test_shaped_by_reads_the_shape_table(key, fields):
+    assert shaped_by(key, GPT) == fields
+    moe = GPT.with_overrides({"num_moe_experts": 4})
+    assert "num_moe_experts" in shaped_by("decoder.layers.mlp.experts.linear_fc1.weight", moe)
+    assert "num_moe_experts" not in shaped_by("decoder.layers.mlp.linear_fc1.weight", GPT)  # None: no experts
 
 
 def test_a_fp32_checkpoint_is_cast_into_a_bf16_model(parallel, ckpt):
@@ -169,10 +182,33 @@ def test_a_fp32_checkpoint_is_cast_into_a_bf16_model(parallel, ckpt):
 
 def test_a_folder_that_is_not_a_checkpoint(parallel, tmp_path):
     model = build(GPT, seed=1)
-    with pytest.raises(WeightsError, match="no such checkpoint folder"):
+    with pytest.raises(CheckpointNotFoundError, match="no such folder"):
         load_weights_sharded_inplace_nemo2_to_mcore(model, tmp_path / "nothing", [])
-    with pytest.raises(WeightsError, match=r"no metadata\.json"):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no metadata\.json"):
         load_weights_sharded_inplace_nemo2_to_mcore(model, tmp_path, [])
+
+
+class _RunsACommand:
+    """A pickle that calls os.system when loaded with a plain unpickler."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_weight_index_is_refused_and_nothing_runs(parallel, ckpt, tmp_path):
+    """torch's FileSystemReader.read_metadata is a plain pickle.load: the loader never calls it."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(ckpt, hostile)
+    marker = tmp_path / "ran"
+    (hostile / "weights" / ".metadata").write_bytes(pickle.dumps(_RunsACommand(marker)))
+    with pytest.raises(CheckpointError, match=r"refused to load global 'posix\.system'"):
+        load_weights_sharded_inplace_nemo2_to_mcore(build(GPT, seed=1), hostile, [])
+    assert not marker.exists()
 
 
 # ---- the direct reader --------------------------------------------------------------------------

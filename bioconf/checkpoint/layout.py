@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from bioconf.errors import CheckpointNotFoundError
+from bioconf.errors import CheckpointError, CheckpointNotFoundError
+from bioconf.fs import read_bytes
+from bioconf.schema.files import loads_json
 
 CONTEXT_DIR: Final = "context"
 IO_JSON: Final = "io.json"
@@ -70,6 +72,9 @@ class CheckpointPaths:
             why = f"no {WEIGHTS_DIR}/ folder in it"
         else:
             why = f"no {METADATA_FILE} in {WEIGHTS_DIR}/"
+            backend = read_backend(self.weights)
+            if backend is not None and backend.get("sharded_backend") != "torch_dist":
+                why += f"; its {BACKEND_FILE} names sharded_backend {backend.get('sharded_backend')!r}"
         raise CheckpointNotFoundError.one(
             f"not a torch_dist checkpoint: expected its weight index in "
             f"{self.weights / METADATA_FILE} ({why})",
@@ -93,3 +98,16 @@ def locate(path: str | os.PathLike[str]) -> CheckpointPaths:
     if (given / METADATA_FILE).is_file():  # a weights folder
         return CheckpointPaths(given.parent, given.parent / CONTEXT_DIR / IO_JSON, given)
     return CheckpointPaths(given, given / CONTEXT_DIR / IO_JSON, given / WEIGHTS_DIR)
+
+
+def read_backend(weights_dir: Path) -> dict[str, Any] | None:
+    """megatron's ``metadata.json`` in ``weights_dir``, or None when there is none."""
+    path = weights_dir / BACKEND_FILE
+    if not path.exists():
+        return None
+    document = loads_json(read_bytes(path, CheckpointError), str(path), CheckpointError)
+    if not isinstance(document, dict):
+        raise CheckpointError.one(
+            "expected a JSON object", "not_a_mapping", source=path, input=type(document).__name__
+        )
+    return document

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from bioconf.checkpoint.layout import MODULE_PREFIX
+from bioconf.schema.derived import effective
 from bioconf.schema.model import MODEL_CLS_ALIASES, ModelConfig
 
 # Placeholders: "*" is every weight of the model; "{block}" is its transformer
@@ -220,6 +221,8 @@ def shaped_by(checkpoint_key: str, config: Any = None) -> tuple[str, ...]:
         if name not in RESIZES or (name == "num_layers" and not stacked):
             continue
         if name in SHAPES_ONLY_WHEN and (config is None or not SHAPES_ONLY_WHEN[name](config)):
+            continue
+        if config is not None and effective(config, name) is None:  # an absent part sizes nothing
             continue
         if any(pattern.match(key) for pattern in _KEY_PATTERNS[name]):
             fields.append(name)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Final
 
-from bioconf.checkpoint.layout import BACKEND_FILE, METADATA_FILE, locate
+from bioconf.checkpoint.layout import METADATA_FILE, locate, read_backend
 from bioconf.checkpoint.unpickling import (
     _DCP,
     _FILESYSTEM,
@@ -51,7 +51,6 @@ from bioconf.checkpoint.unpickling import (
 )
 from bioconf.errors import CheckpointError
 from bioconf.fs import read_bytes
-from bioconf.schema.files import loads_json
 
 # ---- stand-ins ----------------------------------------------------------------------------------
 
@@ -340,19 +339,6 @@ class WeightsMetadata:
 
 
 # ---- reading ------------------------------------------------------------------------------------
-
-
-def read_backend(weights_dir: Path) -> dict[str, Any] | None:
-    """megatron's ``metadata.json`` in ``weights_dir``, or None when there is none."""
-    path = weights_dir / BACKEND_FILE
-    if not path.exists():
-        return None
-    document = loads_json(read_bytes(path, CheckpointError), str(path), CheckpointError)
-    if not isinstance(document, dict):
-        raise CheckpointError.one(
-            "expected a JSON object", "not_a_mapping", source=path, input=type(document).__name__
-        )
-    return document
 
 
 def load_dcp_metadata(path: Path) -> _Metadata:

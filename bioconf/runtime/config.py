@@ -78,7 +78,7 @@ class MegatronBioNeMoTrainableModelConfig(MegatronBioNeMoModelConfig):
         ``model_cls`` comes from the class (``BertModelConfig`` -> "bert") unless it was passed.
         """
         values = to_schema_values(self.get_hparams())
-        alias = next((a for a, cls in _RUNTIME_CLASSES.items() if type(self) is cls), None)
+        alias = next((a for a in MODEL_CLS_ALIASES if type(self) is _RUNTIME_CLASSES[a]), None)
         if alias is None:  # a user model class: always by import path
             model_cls = self.get_hparam("model_cls")
             values["model_cls"] = f"{model_cls.__module__}:{model_cls.__qualname__}"

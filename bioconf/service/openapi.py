@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bioconf.schema.json_schema import json_schema
 from bioconf.errors import PROBLEM_BASE
 from bioconf.resolve import POLICIES
+from bioconf.schema.json_schema import json_schema
 
 _REF = "#/components/schemas/"
 

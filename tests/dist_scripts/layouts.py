@@ -17,11 +17,11 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
+from bioconf.errors import WeightsError
 from bioconf.runtime.build import build_model
+from bioconf.runtime.config import materialize
 from bioconf.runtime.parallel import model_chunks
 from bioconf.runtime.save import save_checkpoint
-from bioconf.runtime.config import materialize
-from bioconf.errors import WeightsError
 from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
 from bioconf.schema import ModelConfig
 

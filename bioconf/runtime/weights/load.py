@@ -23,9 +23,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import Metadata
 
-from bioconf.checkpoint.layout import CONTENT_METADATA, METADATA_FILE, locate
+from bioconf.checkpoint.layout import CONTENT_METADATA, METADATA_FILE, locate, read_backend
 from bioconf.checkpoint.unpickling import DCP_METADATA_GLOBALS, unpickle
-from bioconf.checkpoint.weights_index import read_backend
 from bioconf.errors import CheckpointError
 from bioconf.fs import read_bytes
 from bioconf.runtime.parallel import ensure_parallel_state, model_chunks
