@@ -40,9 +40,9 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
     import torch
     from conftest import nemo_dump
 
-    from bioconf.runtime import BertModelConfig
     from bioconf.checkpoint.context import write_checkpoint_context
-from bioconf.schema import ModelConfig
+    from bioconf.runtime import BertModelConfig
+    from bioconf.schema import ModelConfig
 
     fields = {
         "num_layers": 6,

@@ -28,8 +28,8 @@ CELLS = [
         "import tempfile\n"
         "from pathlib import Path\n\n"
         "from bioconf import demo\n"
-        "from bioconf.runtime import build_model, ensure_parallel_state, init_checkpoint, materialize\n"
         "from bioconf.resolve import resolve\n"
+        "from bioconf.runtime import build_model, ensure_parallel_state, init_checkpoint, materialize\n"
         "from bioconf.schema import ModelConfig\n\n"
         "pretrained = Path(tempfile.mkdtemp()) / 'esm2-small'\n"
         "init_checkpoint(ModelConfig(**demo.PRETRAIN), pretrained)",
