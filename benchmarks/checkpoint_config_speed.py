@@ -2,7 +2,8 @@
 
 1. In-process, warm: ``read_checkpoint_config(ckpt)`` vs
    ``nemo.lightning.io.load_context(ckpt/"context", subpath="model.config")`` on the same
-   checkpoint (one written by bioconf, one written by NeMo's own io_dump). Target: >= 10x.
+   checkpoint (a BERT one written by bioconf, the same written by NeMo's own io_dump, and a small
+   bf16/silu GPT one written by bioconf). Target: >= 10x.
 2. Fresh process: ``bioconf resolve CONFIG --checkpoint CKPT`` vs a process that imports nemo and
    calls load_context. Target: >= 30x.
 
@@ -35,7 +36,8 @@ class Holder(io.IOMixin):
 
 
 def make_checkpoints(root: Path) -> dict[str, Path]:
-    """A bioconf-written and a NeMo-written checkpoint context of the same small BERT config."""
+    """A bioconf-written and a NeMo-written checkpoint context of the same small BERT config, and a
+    bioconf-written one of a small bf16 GPT config with a silu activation."""
     import nemo.lightning as nl
     import torch
     from conftest import nemo_dump
@@ -58,7 +60,16 @@ def make_checkpoints(root: Path) -> dict[str, Path]:
     config = BertModelConfig(**fields, bf16=True, params_dtype=torch.bfloat16)
     trainer = nl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
     nemo_dump(io, trainer, Holder(config), root / "nemo" / "context")
-    return {"bioconf-written": root / "bioconf", "NeMo-written": root / "nemo"}
+
+    gpt = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128}
+    write_checkpoint_context(
+        ModelConfig(**gpt, params_dtype="bf16", activation_func="silu"), root / "bioconf-gpt"
+    )
+    return {
+        "bioconf-written": root / "bioconf",
+        "NeMo-written": root / "nemo",
+        "bioconf-written GPT (bf16, silu)": root / "bioconf-gpt",
+    }
 
 
 def in_process(checkpoints: dict[str, Path]) -> None:

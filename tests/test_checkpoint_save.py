@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -181,26 +180,56 @@ def test_a_failed_save_leaves_nothing_behind(parallel, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-_KILLED = """
-import sys
-from bioconf.runtime.initialize import init_checkpoint
-from bioconf.schema import ModelConfig
-config = ModelConfig(num_layers=8, hidden_size=512, num_attention_heads=8, vocab_size=1024, seq_length=64)
-init_checkpoint(config, sys.argv[1])
-"""
+KILLED_SAVE = ROOT / "tests" / "dist_scripts" / "killed_save.py"
+# What the staging folder holds when the save is killed at each point of killed_save.py.
+STAGED_AT = {
+    # the shards are written, the .metadata listing them and megatron's metadata.json are not
+    "shards": {"context", "context/io.json", "context/model.yaml", "weights", "weights/common.pt"},
+    # everything: the rename that publishes it is all that is left
+    "publish": {
+        "context",
+        "context/io.json",
+        "context/model.yaml",
+        "weights",
+        "weights/.metadata",
+        "weights/common.pt",
+        "weights/metadata.json",
+    },
+}
 
 
-def test_a_killed_save_leaves_no_checkpoint(tmp_path):
-    out = tmp_path / "ckpt"
-    process = subprocess.Popen([sys.executable, "-c", _KILLED, str(out)], cwd=ROOT, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not siblings(out) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+def killed_save(out: Path, point: str, *, overwrite: bool = False) -> Path:
+    """Run a save of killed_save.CONFIG to ``out`` in a child process that SIGKILLs itself at
+    ``point``; the staging folder it left behind."""
+    args = [sys.executable, str(KILLED_SAVE), str(out), point, *(["--overwrite"] if overwrite else [])]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-3000:]
+    assert result.stdout.decode().splitlines() == [f"killed at {point}"]  # our kill, at that point
     staging = siblings(out)
-    assert len(staging) == 1 and staging[0].startswith(".ckpt.tmp-"), staging  # seen before it finished
+    assert len(staging) == 1 and staging[0].startswith(f".{out.name}.tmp-"), staging
+    staged = out.parent / staging[0]
+    files = {str(p.relative_to(staged)) for p in staged.rglob("*")}
+    assert {f for f in files if not f.endswith(".distcp")} == STAGED_AT[point]
+    assert any(f.startswith("weights/__") and f.endswith(".distcp") for f in files)
+    return staged
+
+
+@pytest.mark.parametrize("point", sorted(STAGED_AT))
+def test_a_killed_save_leaves_no_checkpoint(tmp_path, point):
+    out = tmp_path / "ckpt"
+    killed_save(out, point)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("point", sorted(STAGED_AT))
+def test_a_killed_overwrite_leaves_the_old_checkpoint(tmp_path, parallel, point):
+    out = init_checkpoint(GPT, tmp_path / "ckpt", seed=1)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    before = plain(out)
+    killed_save(out, point, overwrite=True)  # a 3-layer config from another seed
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == files
+    assert read_checkpoint_config(out).config == GPT
+    assert same(plain(out), before)
 
 
 # ---- the CLI ------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import math
 import subprocess
 import sys
 import textwrap
-import time
 import types
 import uuid
 from pathlib import Path
@@ -593,29 +592,6 @@ def test_load_context_builds_the_runtime_class(
     )
     full = nemo_env.io.load_context(tmp_path / "context")
     assert type(full.model.config) is cls
-
-
-def test_read_is_10x_faster_than_load_context(nemo_env: types.SimpleNamespace, tmp_path: Path) -> None:
-    pytest.importorskip("bioconf.runtime.config")
-    write_checkpoint_context(_config(params_dtype="bf16", activation_func="silu", vocab_size=128), tmp_path)
-    context = tmp_path / "context"
-    nemo_env.io.load_context(context, subpath="model.config")  # warm: imports done for both sides
-    read_checkpoint_config(tmp_path)
-
-    def best(fn: Any, number: int) -> float:
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(number):
-                fn()
-            times.append((time.perf_counter() - start) / number)
-        return min(times)
-
-    ours = best(lambda: read_checkpoint_config(tmp_path), 50)
-    theirs = best(lambda: nemo_env.io.load_context(context, subpath="model.config"), 10)
-    assert theirs / ours >= 10, (
-        f"read_checkpoint_config {ours * 1e3:.2f} ms, load_context {theirs * 1e3:.2f} ms"
-    )
 
 
 def test_runtime_class_defaults_are_model_config_defaults() -> None:

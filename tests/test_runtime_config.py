@@ -20,8 +20,15 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from nemo.lightning import io
 
-from bioconf.checkpoint.context import write_checkpoint_context
-from bioconf.errors import CheckpointError, CheckpointNotFoundError, ConfigError
+from bioconf.checkpoint.context import read_checkpoint_config, write_checkpoint_context
+from bioconf.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ConfigError,
+    InvalidMergeError,
+)
+from bioconf.resolve import merge, resolve
 from bioconf.runtime import (
     BertModelConfig,
     CustomModelConfig,
@@ -287,3 +294,65 @@ def test_missing_context_says_what_was_expected(tmp_path):
     config = GPTModelConfig(**SMALL)
     with pytest.raises(CheckpointNotFoundError, match=r"context/io\.json"):
         config.load_settings_from_checkpoint(str(tmp_path))
+
+
+# ---- one merge: the runtime's settings load and the schema's resolve agree -------------------------
+
+_VARIED = {
+    "num_layers": st.integers(1, 4),
+    "hidden_size": st.sampled_from([32, 64]),
+    "num_attention_heads": st.sampled_from([2, 4]),
+    "ffn_hidden_size": st.sampled_from([None, 96, 128]),
+    "hidden_dropout": st.floats(0, 0.5),
+    "attention_dropout": st.floats(0, 0.5),
+    "layernorm_epsilon": st.sampled_from([1e-5, 1e-6]),
+    "normalization": st.sampled_from(["LayerNorm", "RMSNorm"]),
+    "activation_func": st.sampled_from(["gelu", "silu"]),
+    "params_dtype": st.sampled_from(["float32", "bfloat16"]),
+    "vocab_size": st.integers(8, 64),
+    "seq_length": st.sampled_from([16, 32]),
+    "position_embedding_type": st.sampled_from(["rope", "learned_absolute"]),
+    "model_cls": st.sampled_from(["gpt", "bert"]),
+    "add_bias_linear": st.booleans(),
+    "init_method_std": st.floats(0.001, 0.05),
+}
+_ARCHITECTURE = ("num_layers", "hidden_size", "num_attention_heads")
+_config_values = st.fixed_dictionaries(
+    {name: _VARIED[name] for name in _ARCHITECTURE},
+    optional={name: strategy for name, strategy in _VARIED.items() if name not in _ARCHITECTURE},
+)
+_keep_lists = st.lists(
+    st.sampled_from(["hidden_dropout", "attention_dropout", "layernorm_epsilon", "init_method_std"]),
+    unique=True,
+).map(lambda extra: [*OVERRIDE_BIONEMO_CONFIG_DEFAULTS, *extra])
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(ours=_config_values, theirs=_config_values, keep=_keep_lists)
+def test_load_settings_and_resolve_are_one_merge(ours, theirs, keep, tmp_path_factory):
+    """For any config and checkpoint: the runtime config after load_settings_from_checkpoint, read
+    back as schema, is exactly what resolve(..., policy="seed") merges (or both refuse the merge)."""
+    try:
+        config = ModelConfig(**ours, override_parent_fields=keep)
+        saved = ModelConfig(**theirs)
+    except ValueError:
+        return  # a rule rejects the combination: nothing to merge
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    write_checkpoint_context(saved, ckpt)
+    runtime = materialize(config)
+    before = (dict(runtime.__dict__), dict(runtime.__io__.__arguments__))
+    try:
+        resolved = resolve(config, ckpt, policy="seed")
+        merged, derived = resolved.config, resolved.derived
+    except InvalidMergeError:
+        with pytest.raises(InvalidMergeError):
+            runtime.load_settings_from_checkpoint(str(ckpt))
+        assert (dict(runtime.__dict__), dict(runtime.__io__.__arguments__)) == before
+        return
+    except CheckpointMismatchError:  # the weights would not fit; the settings still merge
+        merged, derived = merge(config, read_checkpoint_config(ckpt), keep)[0], {}
+    runtime.load_settings_from_checkpoint(str(ckpt))
+    assert runtime.to_schema().to_dict() == merged.to_dict()
+    # The attributes megatron derives follow the merged values, as resolve reports them.
+    for name, value in derived.items():
+        assert getattr(runtime, name) == value, name

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from bioconf.errors import CheckpointError
+from bioconf.fs import read_bytes
 
 _DCP: Final = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM: Final = "torch.distributed.checkpoint.filesystem"
@@ -119,3 +120,17 @@ def unpickle(
         raise CheckpointError.one(
             f"not a readable pickle: {type(error).__name__}: {error}", "pickle_invalid", source=source
         ) from None
+
+
+def read_dcp_metadata_file(path: str | os.PathLike[str], resolved: Mapping[tuple[str, str], Any]) -> Any:
+    """A DCP ``.metadata`` file unpickled with ``resolved`` (DCP_METADATA_GLOBALS -> objects), checked
+    to hold the object ``Metadata`` resolves to."""
+    metadata = unpickle(read_bytes(path, CheckpointError), resolved, path, "DCP metadata")
+    if not isinstance(metadata, resolved[_DCP, "Metadata"]):
+        raise CheckpointError.one(
+            "not DCP metadata: the pickle holds no torch.distributed.checkpoint Metadata",
+            "not_dcp_metadata",
+            source=path,
+            input=type(metadata).__name__,
+        )
+    return metadata

@@ -47,10 +47,9 @@ from bioconf.checkpoint.unpickling import (
     DTYPE_ITEMSIZE,
     PATH_MODULES,
     Malformed,
-    unpickle,
+    read_dcp_metadata_file,
 )
 from bioconf.errors import CheckpointError
-from bioconf.fs import read_bytes
 
 # ---- stand-ins ----------------------------------------------------------------------------------
 
@@ -343,15 +342,7 @@ class WeightsMetadata:
 
 def load_dcp_metadata(path: Path) -> _Metadata:
     """Unpickle a DCP ``.metadata`` file into stand-ins (DCP_METADATA_GLOBALS only)."""
-    result = unpickle(read_bytes(path, CheckpointError), ALLOWED_GLOBALS, path, "DCP metadata")
-    if not isinstance(result, _Metadata):
-        raise CheckpointError.one(
-            "not DCP metadata: the pickle holds no torch.distributed.checkpoint Metadata",
-            "not_dcp_metadata",
-            source=path,
-            input=type(result).__name__,
-        )
-    return result
+    return read_dcp_metadata_file(path, ALLOWED_GLOBALS)
 
 
 _RECORD_NAMES: Final[dict[type, str]] = {

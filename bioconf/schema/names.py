@@ -10,8 +10,43 @@ from __future__ import annotations
 
 from typing import Annotated, Final
 
-from pydantic import BeforeValidator, Field
-from pydantic_core import PydanticCustomError
+from pydantic import BeforeValidator, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
+
+# What str.strip() removes (str.isspace()), in ECMA-262 terms: its \s lacks \x1c-\x1f and \x85.
+_STRIPPED_SPACE = r"[\s\x1c-\x1f\x85]*"
+_ECMA_SYNTAX = frozenset("\\^$.*+?()[]{}|/")
+
+
+def _literal_pattern(text: str, *, any_case: bool = False) -> str:
+    """``text`` as a pattern that means the same in ECMA-262 and Python; with ``any_case`` each
+    letter as ``[xX]``, since ECMA-262 has no inline ``(?i)``."""
+    return "".join(
+        f"[{ch.lower()}{ch.upper()}]"
+        if any_case and ch.lower() != ch.upper()
+        else f"\\{ch}"
+        if ch in _ECMA_SYNTAX
+        else ch
+        for ch in text
+    )
+
+
+class _NamesSchema:
+    """JSON Schema of a name field: on input the canonical names (first, for a form's choices) or any
+    spelling ``pattern`` accepts; on output, where bioconf writes canonical names only, just those."""
+
+    def __init__(self, names: list[str], pattern: str, **extra: object) -> None:
+        self.names, self.pattern, self.extra = names, pattern, extra
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        canonical = {"type": "string", "enum": list(self.names)}
+        if handler.mode == "serialization":
+            return canonical
+        return {"anyOf": [canonical, {"type": "string", "pattern": self.pattern}], **self.extra}
+
 
 # Canonical dtype name (the attribute of the ``torch`` module) -> the spellings accepted on input.
 _DTYPE_SPELLINGS: Final[dict[str, tuple[str, ...]]] = {
@@ -45,10 +80,17 @@ def canonical_dtype(value: object) -> object:
     )
 
 
+# canonical_dtype's lookup as a pattern: any spelling in any case, between any whitespace.
+DTYPE_PATTERN: Final[str] = (
+    f"^{_STRIPPED_SPACE}("
+    + "|".join(_literal_pattern(spelling, any_case=True) for spelling in sorted(_DTYPE_BY_SPELLING))
+    + f"){_STRIPPED_SPACE}$"
+)
+
 DType = Annotated[
     str,
     BeforeValidator(canonical_dtype),
-    Field(json_schema_extra={"enum": list(DTYPE_NAMES), "x-aliases": sorted(_DTYPE_BY_SPELLING)}),
+    _NamesSchema(list(DTYPE_NAMES), DTYPE_PATTERN, **{"x-aliases": sorted(_DTYPE_BY_SPELLING)}),
 ]
 """A torch dtype by name: ``"bfloat16"``; also accepts ``"bf16"``, ``"torch.bfloat16"``, ..."""
 
@@ -112,9 +154,22 @@ def canonical_activation(value: object) -> object:
     )
 
 
+def _activation_pattern() -> str:
+    """canonical_activation's lookup as a pattern: a name, optionally after one of the modules its
+    function is found in (or a bare dot), between any whitespace."""
+    choices = []
+    for module, aliases in _ACTIVATION_MODULE_ALIASES.items():
+        names = [name for name, (home, _) in ACTIVATIONS.items() if home == module]
+        modules = "|".join(_literal_pattern(alias) for alias in sorted(aliases))
+        choices.append(f"(({modules})?\\.)?(" + "|".join(map(_literal_pattern, names)) + ")")
+    return f"^{_STRIPPED_SPACE}(" + "|".join(choices) + f"){_STRIPPED_SPACE}$"
+
+
+ACTIVATION_PATTERN: Final[str] = _activation_pattern()
+
 Activation = Annotated[
     str,
     BeforeValidator(canonical_activation),
-    Field(json_schema_extra={"enum": list(ACTIVATIONS)}),
+    _NamesSchema(list(ACTIVATIONS), ACTIVATION_PATTERN),
 ]
 """An activation function by registry name: ``"gelu"``, ``"silu"``, ``"squared_relu"``, ..."""

@@ -24,9 +24,8 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint import Metadata
 
 from bioconf.checkpoint.layout import CONTENT_METADATA, METADATA_FILE, locate, read_backend
-from bioconf.checkpoint.unpickling import DCP_METADATA_GLOBALS, unpickle
+from bioconf.checkpoint.unpickling import DCP_METADATA_GLOBALS, read_dcp_metadata_file
 from bioconf.errors import CheckpointError
-from bioconf.fs import read_bytes
 from bioconf.runtime.parallel import ensure_parallel_state, model_chunks
 from bioconf.runtime.weights.plan import agree, plan_load
 from bioconf.runtime.weights.reader import DirectLoadStrategy, progress_bar
@@ -55,16 +54,7 @@ def _dcp_classes() -> dict[tuple[str, str], Any]:
 def read_dcp_metadata(weights: os.PathLike[str]) -> Metadata:
     """DCP's ``Metadata`` of a weights folder as torch's own objects, unpickled under the allow-list
     (torch's ``FileSystemReader.read_metadata`` is a plain ``pickle.load``)."""
-    path = os.path.join(weights, METADATA_FILE)
-    metadata = unpickle(read_bytes(path, CheckpointError), _dcp_classes(), path, "DCP metadata")
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError.one(
-            "not DCP metadata: the pickle holds no torch.distributed.checkpoint Metadata",
-            "not_dcp_metadata",
-            source=path,
-            input=type(metadata).__name__,
-        )
-    return metadata
+    return read_dcp_metadata_file(os.path.join(weights, METADATA_FILE), _dcp_classes())
 
 
 def _open_checkpoint(path: Any) -> tuple[Metadata, dict[str, Any]]:
