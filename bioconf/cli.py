@@ -250,9 +250,11 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_policy(parser: argparse.ArgumentParser) -> None:
+    from bioconf.schema.model import POLICIES
+
     parser.add_argument(
         "--policy",
-        choices=("explicit", "seed"),
+        choices=POLICIES,
         default="explicit",
         help="which config values win over the checkpoint's: explicit (default) keeps "
         "override_parent_fields and every field the config sets; seed keeps only override_parent_fields "

@@ -39,10 +39,7 @@ from bioconf.errors import (
 )
 from bioconf.schema.derived import DERIVED, effective
 from bioconf.schema.display import fields_table
-from bioconf.schema.model import FIELD_GROUPS, MODEL_CLS_ALIASES, ModelConfig
-
-Policy = Literal["seed", "explicit"]
-POLICIES: Final[tuple[Policy, ...]] = ("seed", "explicit")
+from bioconf.schema.model import FIELD_GROUPS, MODEL_CLS_ALIASES, POLICIES, ModelConfig, Policy
 
 Source = Literal["user", "default", "checkpoint", "derived"]
 SOURCES: Final[tuple[Source, ...]] = ("user", "checkpoint", "derived", "default")  # in listing order

@@ -22,7 +22,8 @@ schema.json_schema()
 """,
     "cli": "from bioconf.cli import main",
     "checkpoint readers": """
-from bioconf.checkpoint import read_checkpoint_config, inspect_checkpoint
+from bioconf.checkpoint.context import read_checkpoint_config
+from bioconf.checkpoint.inspection import inspect_checkpoint
 read_checkpoint_config({ckpt!r})
 """,
     "resolve": """

@@ -17,7 +17,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -72,6 +72,11 @@ OVERRIDE_BIONEMO_CONFIG_DEFAULTS: Final[tuple[str, ...]] = (
     "pipeline_dtype",
     "autocast_dtype",
 )
+
+Policy = Literal["seed", "explicit"]
+"""Which values win when a config starts from a checkpoint: "seed" keeps exactly
+``override_parent_fields`` (BioNeMo's rule); "explicit" also every field the config sets."""
+POLICIES: Final[tuple[Policy, ...]] = get_args(Policy)
 
 _CHECKPOINT = {"x-group": "checkpoint", "x-level": "basic"}
 
