@@ -12,8 +12,8 @@ import os
 import pickle
 import shutil
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
