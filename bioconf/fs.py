@@ -5,19 +5,58 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
 
 from bioconf.errors import BioconfError, ConfigReadError, OutputExistsError
 
+READ_LIMIT = 64 << 20
+"""The most bytes ``read_bytes`` reads from one file unless told otherwise (64 MiB): a config or a
+checkpoint's metadata is far smaller, and a file that is not must not fill the memory."""
 
-def read_bytes(path: str | os.PathLike[str], error: type[BioconfError] = ConfigReadError) -> bytes:
-    """The file's bytes; a file that cannot be read raises ``error`` naming it."""
+
+def read_bytes(
+    path: str | os.PathLike[str], error: type[BioconfError] = ConfigReadError, limit: int = READ_LIMIT
+) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them. Anything else raises
+    ``error`` naming the file, in bounded time: a folder, a FIFO (opened without blocking), a
+    device such as ``/dev/zero``, a file larger than ``limit``, an unreadable one."""
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as failure:
         raise error.one(f"cannot read file: {failure.strerror}", "read_error", source=path) from None
+    try:
+        return read_fd(fd, path, error, limit)
+    finally:
+        os.close(fd)
+
+
+def read_fd(
+    fd: int,
+    source: str | os.PathLike[str],
+    error: type[BioconfError] = ConfigReadError,
+    limit: int = READ_LIMIT,
+) -> bytes:
+    """``read_bytes`` of a file already opened (``source`` names it in errors)."""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise error.one("not a regular file", "not_a_file", source=source)
+        if info.st_size > limit:
+            raise error.one(
+                f"larger than {limit:,} bytes ({info.st_size:,})", "file_too_large", source=source
+            )
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 24, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # it grew while being read
+                raise error.one(f"larger than {limit:,} bytes", "file_too_large", source=source)
+        return b"".join(chunks)
+    except OSError as failure:
+        raise error.one(f"cannot read file: {failure.strerror}", "read_error", source=source) from None
 
 
 def refuse_existing(path: str | os.PathLike[str], overwrite: bool) -> None:
@@ -71,7 +110,7 @@ def replace_directory(staging: Path, target: Path) -> None:
     """Publish the fully written folder ``staging`` as ``target`` by renames. An old ``target`` is
     renamed aside first and deleted last (and put back if the second rename fails): a reader sees
     the old folder, for an instant none, or the new one, never a mix."""
-    if target.exists():
+    if os.path.lexists(target):
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
         try:
@@ -79,7 +118,10 @@ def replace_directory(staging: Path, target: Path) -> None:
         except BaseException:
             os.rename(old, target)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file or a link was in the way
+            old.unlink()
     else:
         os.rename(staging, target)
     fsync_path(target.parent)

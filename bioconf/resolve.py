@@ -31,6 +31,7 @@ from bioconf.checkpoint.shapes import (
     shaped_weights,
 )
 from bioconf.errors import (
+    CheckpointError,
     CheckpointMismatchError,
     ConfigIssue,
     InvalidMergeError,
@@ -121,7 +122,8 @@ def merge(
     """The one merge of a config with a checkpoint's settings: each field in ``keep`` takes the
     config's value, every other field the checkpoint's (or its default, where the checkpoint sets
     none). Returns the merged config, validated as a whole (InvalidMergeError names each value a
-    broken rule involves and where it came from), and every field's source."""
+    broken rule involves and where it came from), and every field's source. A model class given by
+    import path that would come from the checkpoint is a CheckpointError: building would import it."""
     kept = set(keep)
     data: dict[str, Any] = {}
     sources: dict[str, Source] = {}
@@ -132,6 +134,17 @@ def merge(
             sources[name] = "user" if side is config else "checkpoint"
         else:
             sources[name] = "default"
+    model_cls = data.get("model_cls")
+    if sources["model_cls"] == "checkpoint" and model_cls not in MODEL_CLS_ALIASES:
+        # Building would import it: only a class the user names is ever imported.
+        raise CheckpointError.one(
+            f"the checkpoint names the model class {model_cls!r}, and model_cls is not kept from this "
+            "config: bioconf imports only a model class the config names; set model_cls (and keep it)",
+            "checkpoint_model_class",
+            source=checkpoint.path,
+            loc=("model_cls",),
+            input=model_cls,
+        )
     return _validate_merge(data, sources, checkpoint), sources
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -356,3 +357,43 @@ def test_load_settings_and_resolve_are_one_merge(ours, theirs, keep, tmp_path_fa
     # The attributes megatron derives follow the merged values, as resolve reports them.
     for name, value in derived.items():
         assert getattr(runtime, name) == value, name
+
+
+# ---- nothing a checkpoint names is imported ------------------------------------------------------
+
+_ZEN_PROGRAM = """
+import subprocess
+import sys
+from bioconf.runtime import GPTModelConfig
+config = GPTModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, override_parent_fields={keep!r})
+try:
+    config.load_settings_from_checkpoint({ckpt!r})
+except Exception as error:
+    print(type(error).__name__, error)
+print("imported" if "this" in sys.modules else "not imported")
+"""
+
+
+@pytest.mark.parametrize("keep_model_cls", [True, False])
+def test_a_model_class_named_by_a_checkpoint_is_never_imported(tmp_path, keep_model_cls):
+    """`this` prints the Zen of Python when imported: a checkpoint must not make bioconf import it."""
+    ckpt = checkpoint(tmp_path, **SMALL, model_cls="this:s")
+    keep = [n for n in OVERRIDE_BIONEMO_CONFIG_DEFAULTS if keep_model_cls or n != "model_cls"]
+    result = subprocess.run(
+        [sys.executable, "-c", _ZEN_PROGRAM.format(keep=keep, ckpt=str(ckpt))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "Beautiful is better than ugly" not in result.stdout
+    assert result.stdout.strip().endswith("not imported")
+    if not keep_model_cls:
+        assert (
+            "CheckpointError" in result.stdout
+            and "imports only a model class the config names" in result.stdout
+        )
+
+
+def test_a_model_class_must_be_a_module_class():
+    with pytest.raises(ConfigError, match="not a model class: os:system is a builtin_function_or_method"):
+        materialize(ModelConfig(**SMALL, model_cls="os:system"))

@@ -314,14 +314,21 @@ def _parse(raw: bytes, source: str) -> Any:
 
 
 def read_checkpoint_config(ckpt_dir: str | os.PathLike[str]) -> CheckpointConfig:
-    """The model config of the NeMo 2 checkpoint at ``ckpt_dir`` (its ``context/io.json``), read as
-    data: nothing the file names is imported. Raises CheckpointError when the file is unreadable,
-    not a fiddle serialization with a model config or holds a value ModelConfig rejects (its
-    subclass CheckpointNotFoundError when there is no io.json)."""
+    """The model config of the NeMo 2 checkpoint at ``ckpt_dir`` (its ``context/io.json``; any part
+    ``locate`` accepts), read as data: nothing the file names is imported. Raises CheckpointError
+    when the file is unreadable, not a fiddle serialization with a model config or holds a value
+    ModelConfig rejects (its subclass CheckpointNotFoundError when there is no io.json)."""
     paths = locate(ckpt_dir)
     path = paths.require_context()
+    return parse_checkpoint_config(read_bytes(path, CheckpointError), paths)
+
+
+def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointConfig:
+    """``read_checkpoint_config`` of the bytes of ``paths.io_json``, read by the caller (the service
+    reads them through the file descriptors it checked)."""
+    path = paths.io_json
     source = str(path)
-    document = _parse(read_bytes(path, CheckpointError), source)
+    document = _parse(raw, source)
     objects = document.get("objects") if isinstance(document, dict) else None
     if not isinstance(objects, dict):
         raise CheckpointError(

@@ -72,6 +72,10 @@ DCP_METADATA_GLOBALS: Final[frozenset[tuple[str, str]]] = frozenset(
 DCP's dataclasses and enums, ``torch.Size``, dtypes, the layout helper and ``pathlib`` paths."""
 
 
+METADATA_READ_LIMIT: Final = 1 << 30
+"""The largest ``.metadata`` read (1 GiB): a checkpoint of thousands of tensors holds a few MB."""
+
+
 class Malformed(Exception):
     """Raised by a resolved object: the pickle is readable but not the format expected."""
 
@@ -125,7 +129,9 @@ def unpickle(
 def read_dcp_metadata_file(path: str | os.PathLike[str], resolved: Mapping[tuple[str, str], Any]) -> Any:
     """A DCP ``.metadata`` file unpickled with ``resolved`` (DCP_METADATA_GLOBALS -> objects), checked
     to hold the object ``Metadata`` resolves to."""
-    metadata = unpickle(read_bytes(path, CheckpointError), resolved, path, "DCP metadata")
+    metadata = unpickle(
+        read_bytes(path, CheckpointError, METADATA_READ_LIMIT), resolved, path, "DCP metadata"
+    )
     if not isinstance(metadata, resolved[_DCP, "Metadata"]):
         raise CheckpointError.one(
             "not DCP metadata: the pickle holds no torch.distributed.checkpoint Metadata",

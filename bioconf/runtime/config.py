@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.module import MegatronModule
@@ -169,20 +170,7 @@ def materialize(config: ModelConfig, source: str | None = None) -> MegatronBioNe
         cls = _RUNTIME_CLASSES[config.model_cls]
     else:
         cls = CustomModelConfig
-        try:
-            kwargs["model_cls"] = import_object(config.model_cls)
-        except (ImportError, AttributeError) as error:
-            raise ConfigError(
-                [
-                    ConfigIssue(
-                        f"cannot import the model class: {error}",
-                        "import_error",
-                        ("model_cls",),
-                        config.model_cls,
-                        source,
-                    )
-                ]
-            ) from None
+        kwargs["model_cls"] = _import_model_class(config.model_cls, source)
     try:
         return cls(**kwargs)
     except Exception as error:  # megatron's environment-dependent checks (TE, CUDA) live in __post_init__
@@ -191,6 +179,21 @@ def materialize(config: ModelConfig, source: str | None = None) -> MegatronBioNe
             "megatron_error",
             source=source,
         ) from error
+
+
+def _import_model_class(path: str, source: str | None) -> type[torch.nn.Module]:
+    """The user's model class ``"package.module:Class"``: imported, and checked to be a module class."""
+
+    def refuse(message: str, kind: str) -> ConfigError:
+        return ConfigError([ConfigIssue(message, kind, ("model_cls",), path, source)])
+
+    try:
+        model_class = import_object(path)
+    except (ImportError, AttributeError) as error:
+        raise refuse(f"cannot import the model class: {error}", "import_error") from None
+    if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
+        raise refuse(f"not a model class: {path} is a {type(model_class).__name__}", "not_a_model_class")
+    return model_class
 
 
 def to_schema(runtime_config: MegatronBioNeMoTrainableModelConfig) -> ModelConfig:
