@@ -1,18 +1,45 @@
-"""The config service over real HTTP: `bioconf serve` in a subprocess on a free loopback port, httpx.
+"""The config service: each route and status code, that a 422 lists exactly the CLI's errors, the
+limits (body size while reading, nesting, value counts, YAML aliases, a slow body), the
+checkpoint-root rules, and a property-based run of schemathesis against /openapi.json (no 500s,
+every response as documented).
 
-Covers each route and status code, that a 422 lists exactly the CLI's errors, the limits (body size
-while reading, nesting, value counts, YAML aliases, a slow body), the checkpoint-root rules, and a
-property-based run of schemathesis against /openapi.json (no 500s, every response as documented).
+Most tests run in process, with no socket: the ASGI app `bioconf serve` runs, built with the options
+the live server below is given (`create_app(ServiceSettings(...))`), reached through httpx's ASGI
+transport (tests/service_client.py). What they check is the app's own work (statuses, problem types,
+bodies, headers), which is the same without a server; they skip its start-up and the loopback round
+trips, and none waits for a server to come up. The body limits are among them: the transport
+hands a chunked body (no Content-Length) to the app chunk by chunk, only as it asks for more, so the
+413 test also shows, deterministically, that the app stopped reading at the limit. schemathesis runs
+against the app directly (`schemathesis.openapi.from_asgi`).
+
+A real socket is kept only where the connection or the command is the subject:
+
+- test_a_body_that_stops_arriving_is_408_after_the_time_limit: a raw socket to `bioconf serve` sends
+  the headers and the start of a body, then nothing; the 408 comes from the time limit on a body
+  that stops arriving over a connection, measured as the client sees it.
+- test_bioconf_serve_gives_the_app_its_options: the same server over HTTP answers as the in-process
+  app does, at the body limit and for checkpoints under each root or outside them: the command
+  starts, serves, and passes on the options the in-process tests assume.
+
+That server is `bioconf serve` in a subprocess on a port the system picks (``--port 0``: no port to
+race for); it is started with the module's first test and waited for only by these two. Without a
+socket but in a fresh process: test_serve_refuses_a_missing_checkpoint_root,
+test_serve_without_the_service_extra_says_what_to_install and
+test_the_schema_layer_never_imports_the_web_stack (the command, or the package, as a user starts
+it); the 422 and resolve tests also run the CLI, to compare with its output. `serve` stays here for
+tests/test_service_browser.py, whose browser needs a real server.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,10 +50,12 @@ import schemathesis
 from conftest import EXAMPLES, ROOT, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from service_client import asgi_client
 
 from bioconf.checkpoint.context import write_checkpoint_context
 from bioconf.errors import CheckpointForbiddenError, UsageError
 from bioconf.schema import ModelConfig, json_schema, load_config
+from bioconf.service import ServiceSettings, create_app
 from bioconf.service.checkpoints import CheckpointRoot, locate_checkpoint
 
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
@@ -34,39 +63,51 @@ PROBLEM = "application/problem+json"
 TIMEOUT_S = 3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+LISTENING = re.compile(rb"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 @contextmanager
-def serve(*args: str) -> Iterator[str]:
-    """Run `bioconf serve ARGS` on a free loopback port until the block ends; yield its base URL."""
-    port = free_port()
+def starting(*args: str) -> Iterator[Callable[[], str]]:
+    """Start `bioconf serve ARGS` on a loopback port the system picks (``--port 0``: no port to race
+    for), stopped when the block ends; yield a function that waits until it answers /healthz and
+    returns its base URL, so that other work can go on while it starts."""
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bioconf", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "bioconf", "serve", "--port", "0", *args],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        url = f"http://127.0.0.1:{port}"
-        try:
+
+        def wait() -> str:
             deadline = time.monotonic() + 60
             while True:
-                try:
-                    httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
-                    break
-                except httpx.TransportError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        log.seek(0)
-                        pytest.fail(f"bioconf serve did not come up:\n{log.read().decode()}")
-                    time.sleep(0.05)
-            yield url
+                # pread: the server writes at the file offset it shares with `log`, left alone here
+                output = os.pread(log.fileno(), os.fstat(log.fileno()).st_size, 0)
+                listening = LISTENING.search(output)
+                if listening:
+                    url = listening[1].decode()
+                    try:
+                        httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
+                        return url
+                    except httpx.TransportError:
+                        pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"bioconf serve did not come up:\n{output.decode()}")
+                time.sleep(0.05)
+
+        try:
+            yield wait
         finally:
             process.terminate()
             process.wait(timeout=10)
+
+
+@contextmanager
+def serve(*args: str) -> Iterator[str]:
+    """Run `bioconf serve ARGS` on a loopback port until the block ends; yield its base URL."""
+    with starting(*args) as wait:
+        yield wait()
 
 
 def _checkpoint(path: Path, **fields: object) -> Path:
@@ -93,16 +134,44 @@ def roots(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def url(roots) -> Iterator[str]:
-    root_args = ["--checkpoint-root", str(roots["first"]), "--checkpoint-root", str(roots["second"])]
-    with serve(*root_args, "--request-timeout", str(TIMEOUT_S)) as base:
-        yield base
+def app(roots):
+    """The app `bioconf serve --checkpoint-root FIRST --checkpoint-root SECOND --request-timeout 3`
+    runs (the command's other options at their defaults, which are ServiceSettings' own)."""
+    settings = ServiceSettings(
+        checkpoint_roots=(str(roots["first"]), str(roots["second"])), request_timeout=TIMEOUT_S
+    )
+    return create_app(settings)
 
 
 @pytest.fixture
-def client(url) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=30) as http:
+def client(app) -> Iterator[httpx.Client]:
+    """An httpx client of the app in this process (no socket)."""
+    with asgi_client(app, timeout=30) as http:
         yield http
+
+
+@pytest.fixture(scope="module")
+def live_server(roots) -> Iterator[Callable[[], str]]:
+    """`bioconf serve` with the same options, for what needs a real connection: started, not waited for."""
+    root_args = ["--checkpoint-root", str(roots["first"]), "--checkpoint-root", str(roots["second"])]
+    with starting(*root_args, "--request-timeout", str(TIMEOUT_S)) as wait:
+        yield wait
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_the_live_server_early(request) -> None:
+    """When a selected test needs the live server, start it with the module's first test, so that it
+    starts while the in-process tests run (not under xdist, which may run that test elsewhere)."""
+    if hasattr(request.config, "workerinput"):
+        return
+    if any("live_url" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("live_server")
+
+
+@pytest.fixture
+def live_url(live_server) -> str:
+    """The live server's base URL, once it answers."""
+    return live_server()
 
 
 def _problem(response: httpx.Response, status: int, kind: str) -> dict:
@@ -224,14 +293,19 @@ def test_a_body_over_the_limit_is_413_even_without_content_length(client):
         "body-too-large",
     )
 
+    head, pad, sent = b'{"pad": "', b" " * 65536, []
+
     def chunks() -> Iterator[bytes]:  # a chunked body: no Content-Length to trust
-        yield b'{"pad": "'
+        yield head
         for _ in range(20):
-            yield b" " * 65536
+            sent.append(pad)
+            yield pad
 
     response = client.post("/v1/validate", content=chunks(), headers={"Content-Type": "application/json"})
     assert "content-length" not in response.request.headers
     _problem(response, 413, "body-too-large")
+    # In process the app pulls each chunk as it reads: refused with the one that passed the limit.
+    assert len(sent) == (ServiceSettings().max_body_bytes - len(head)) // len(pad) + 1 < 20
     yaml = b"num_layers: 2\n" + b"# pad\n" * 12000  # YAML is parsed in pure Python: a lower limit
     _problem(
         client.post("/v1/validate", content=yaml, headers={"Content-Type": "application/yaml"}),
@@ -240,8 +314,8 @@ def test_a_body_over_the_limit_is_413_even_without_content_length(client):
     )
 
 
-def test_a_body_that_stops_arriving_is_408_after_the_time_limit(url):
-    port = int(url.rsplit(":", 1)[1])
+def test_a_body_that_stops_arriving_is_408_after_the_time_limit(live_url):
+    port = int(live_url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(
             b"POST /v1/validate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -250,10 +324,39 @@ def test_a_body_that_stops_arriving_is_408_after_the_time_limit(url):
         start = time.monotonic()
         reply = b""
         while b"\r\n\r\n" not in reply:
-            reply += sock.recv(65536)
+            chunk = sock.recv(65536)
+            if not chunk:  # closed before a whole head: the assertion below shows what came
+                break
+            reply += chunk
         elapsed = time.monotonic() - start
     assert reply.startswith(b"HTTP/1.1 408 "), reply
     assert TIMEOUT_S - 0.5 < elapsed < TIMEOUT_S + 10
+
+
+def test_bioconf_serve_gives_the_app_its_options(live_url, client):
+    """`bioconf serve` runs the app the in-process tests build: the same checkpoint roots and body limit
+    (its request timeout: the 408 test), and over HTTP it answers as in process."""
+    fits = orjson.dumps(BASE).ljust(ServiceSettings().max_body_bytes)  # trailing spaces: still JSON
+    requests = [
+        ("/v1/validate", {}, fits),
+        ("/v1/validate", {}, fits + b" "),
+        *(
+            ("/v1/resolve", {"checkpoint": name}, orjson.dumps(BASE))
+            for name in ("small", "other", "escape", "missing")
+        ),
+    ]
+    statuses = []
+    with httpx.Client(base_url=live_url, timeout=30) as live:
+        for path, params, body in requests:
+            over_http, in_process = (
+                http.post(path, params=params, content=body, headers={"Content-Type": "application/json"})
+                for http in (live, client)
+            )
+            assert over_http.status_code == in_process.status_code
+            assert over_http.headers["content-type"] == in_process.headers["content-type"]
+            assert over_http.json() == in_process.json()
+            statuses.append(over_http.status_code)
+    assert statuses == [200, 413, 200, 200, 403, 404]
 
 
 # ---- schema, health, documents -------------------------------------------------------------------------
@@ -427,14 +530,20 @@ FUZZ = [
 ]
 
 
+@pytest.fixture(scope="module")
+def api(app) -> schemathesis.BaseSchema:
+    """The app's /openapi.json, its requests sent to the app in this process."""
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
 @pytest.mark.parametrize(("method", "path", "mode"), FUZZ, ids=lambda v: str(v).lstrip("/"))
-def test_api_fuzz(url, method, path, mode):
+def test_api_fuzz(api, method, path, mode):
     """Requests generated from /openapi.json, conforming (positive) or not (negative): no 500s; every status,
     content type, header and body as documented; negative data refused. Half the positive configs get
     a valid core (BASE) and a known checkpoint name so that 200s and the checkpoint errors come up too:
     random configs satisfy the JSON Schema yet nearly always break a megatron cross-field rule (422),
     which is also why positive data is not required to be accepted."""
-    operation = schemathesis.openapi.from_url(f"{url}/openapi.json")[path][method]
+    operation = api[path][method]
     names = st.sampled_from(
         ["small", "other", "missing", "empty", "broken", "escape", "../first/small", "/etc"]
     )
