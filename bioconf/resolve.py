@@ -150,11 +150,11 @@ def merge(
 
 def resolve(
     config: ModelConfig,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | CheckpointConfig | None = None,
     policy: Policy = "explicit",
 ) -> ResolvedConfig:
     """Merge ``config`` with the settings of the NeMo 2 checkpoint it starts from (``checkpoint_dir``,
-    else ``config.initial_ckpt_path``): kept fields (``keep_list``) take the config's value, the others
+    else ``config.initial_ckpt_path``; or its config already read): kept fields (``keep_list``) take the config's value, the others
     the checkpoint's. Raises UsageError when no checkpoint is named, CheckpointError without a
     readable checkpoint context, InvalidMergeError when the merge breaks a megatron rule,
     CheckpointMismatchError when the weights would not fit."""
@@ -167,7 +167,11 @@ def resolve(
             "missing_checkpoint",
             loc=("initial_ckpt_path",),
         )
-    ckpt = read_checkpoint_config(checkpoint_dir)
+    ckpt = (
+        checkpoint_dir
+        if isinstance(checkpoint_dir, CheckpointConfig)
+        else read_checkpoint_config(checkpoint_dir)
+    )
     merged, sources = merge(config, ckpt, keep)
     derived = {}
     for name in DERIVED:
