@@ -154,10 +154,10 @@ def resolve(
     policy: Policy = "explicit",
 ) -> ResolvedConfig:
     """Merge ``config`` with the settings of the NeMo 2 checkpoint it starts from (``checkpoint_dir``,
-    else ``config.initial_ckpt_path``; or its config already read): kept fields (``keep_list``) take the config's value, the others
-    the checkpoint's. Raises UsageError when no checkpoint is named, CheckpointError without a
-    readable checkpoint context, InvalidMergeError when the merge breaks a megatron rule,
-    CheckpointMismatchError when the weights would not fit."""
+    or its config already read; else ``config.initial_ckpt_path``): kept fields (``keep_list``) take
+    the config's value, the others the checkpoint's. Raises UsageError when no checkpoint is named,
+    CheckpointError without a readable checkpoint context, InvalidMergeError when the merge breaks a
+    megatron rule, CheckpointMismatchError when the weights would not fit."""
     keep = keep_list(config, policy)
     if checkpoint_dir is None:
         checkpoint_dir = config.initial_ckpt_path
