@@ -123,6 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             device=args.device,
             save=args.save,
             quiet=args.quiet or args.format == "json",
+            check_forward=args.check_forward,
         )
     except BioconfError as error:
         return _report_error(error, args.format)
@@ -333,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     run.add_argument("--save", metavar="DIR", help="save the resulting checkpoint to DIR")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--check-forward",
+        action="store_true",
+        help="run the loaded model on one small synthetic batch and report its logits checksum",
+    )
     _add_format(run)
     run.set_defaults(run=cmd_run)
 

@@ -122,6 +122,9 @@ def test_cli_run_text_json_and_exit_codes(pretrained, tmp_path):
     assert as_json.returncode == 0, as_json.stderr
     report = orjson.loads(as_json.stdout)
     assert report["weights"]["skipped"] and report["resolved"]["policy"] == "explicit"
+    assert report["forward"] is None  # only when asked
+    checked = orjson.loads(run_cli("run", str(config), "--check-forward", "--format", "json").stdout)
+    assert checked["forward"]["shape"] == [2, 16, 64] and checked["forward"]["sha256"]
     validated = orjson.loads(run_cli("validate", str(config), "--format", "json").stdout)
     assert report["fingerprint"] == validated["files"][0]["fingerprint"]  # the same config, the same hash
     assert run_cli("run", str(config), "--set", "vocab_size=32").returncode == 3

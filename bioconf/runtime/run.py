@@ -22,6 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from bioconf.resolve import Policy, ResolvedConfig, resolve
 from bioconf.runtime.build import build_chunks
 from bioconf.runtime.config import materialize
+from bioconf.runtime.forward import LogitsChecksum, forward_checksum
 from bioconf.runtime.parallel import ensure_parallel_state
 from bioconf.runtime.save import save_checkpoint
 from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
@@ -44,6 +45,8 @@ class RunReport:
     seconds: float
     rank: int
     world_size: int
+    forward: LogitsChecksum | None = None
+    """The logits checksum of one small synthetic batch (``check_forward``); None when not asked."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class RunReport:
             "seconds": round(self.seconds, 3),
             "rank": self.rank,
             "world_size": self.world_size,
+            "forward": self.forward.to_dict() if self.forward is not None else None,
         }
 
     def __str__(self) -> str:
@@ -69,6 +73,8 @@ class RunReport:
             lines.append(f"from config  {', '.join(sorted(sources.get('user', []))) or '-'}")
             lines += [f"note         {note}" for note in self.resolved.notes]
         lines.append(f"weights      {self.weights if self.weights is not None else 'not loaded'}")
+        if self.forward is not None:
+            lines.append(f"forward      logits {self.forward}")
         if self.saved:
             lines.append(f"saved        {self.saved}")
         lines.append(f"took         {self.seconds:.2f} s on {self.world_size} process(es)")
@@ -83,6 +89,7 @@ def run(
     device: Literal["cpu", "cuda"] = "cpu",
     save: str | os.PathLike[str] | None = None,
     quiet: bool = False,
+    check_forward: bool = False,
 ) -> RunReport:
     """Resolve ``config`` against its starting checkpoint (``checkpoint``, else its
     ``initial_ckpt_path``), build the model from the merge and load the weights.
@@ -109,6 +116,9 @@ def run(
                 merged.initial_ckpt_skip_keys_with_these_prefixes,
                 quiet=quiet,
             )
+        # The loaded model on one small synthetic batch, before any save (every rank takes part).
+        forward = forward_checksum(models) if check_forward else None
         saved = save_checkpoint(models, runtime, save) if save is not None else None
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return RunReport(config, resolved, models, weights, saved, time.perf_counter() - start, rank, world_size)
+    seconds = time.perf_counter() - start
+    return RunReport(config, resolved, models, weights, saved, seconds, rank, world_size, forward)
