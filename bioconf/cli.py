@@ -23,11 +23,18 @@ import orjson
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 # Exit codes and error classes come from bioconf.errors (pure: no pydantic model is built).
-from bioconf.errors import EXIT_OK, BioconfError, OutputError, UsageError
+from bioconf.errors import EXIT_OK, BioconfError, OutputError, UsageError, jsonable
 
 
 def _print_json(document: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    """Print one JSON document, always: what orjson cannot write as it is (an integer beyond 64 bits
+    or nesting past its 255 levels, from a checkpoint's unknown fields say) is written bounded, as
+    error inputs are, rather than leaving stdout empty or half-written."""
+    try:
+        payload = orjson.dumps(document, option=orjson.OPT_INDENT_2)
+    except TypeError:  # orjson.JSONEncodeError
+        payload = orjson.dumps(jsonable(document), option=orjson.OPT_INDENT_2)
+    sys.stdout.buffer.write(payload + b"\n")
     sys.stdout.flush()
 
 

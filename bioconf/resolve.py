@@ -27,7 +27,7 @@ from bioconf.checkpoint.shapes import (
     SHAPE_PREFIXES,
     SHAPES_ONLY_WHEN,
     UNRECORDED_WHEN_NONE,
-    is_skipped,
+    LayerPrefixes,
     shaped_weights,
 )
 from bioconf.errors import (
@@ -277,7 +277,7 @@ def _check_shapes(
             issues.append(_mismatch(name, ours, theirs, difference, why, ckpt))
         elif not weights:
             notes.append(f"{name}: {difference}: fine, the model built has none of the weights it shapes")
-        elif loaded := [prefix for prefix in weights if not is_skipped(prefix, skips)]:
+        elif loaded := weights.not_skipped(skips):
             why = f"the weights it shapes would not load (not skipped: {_summary(loaded)})"
             issues.append(_mismatch(name, ours, theirs, difference, why, ckpt))
         else:
@@ -305,24 +305,19 @@ def _mismatch(
     )
 
 
-def _summary(prefixes: list[str]) -> str:
-    """Per-layer prefixes folded for reading: "decoder.layers.{0..11}.mlp."."""
-    folded: dict[str, list[int]] = {}
-    for prefix in prefixes:
-        head, sep, rest = prefix.partition(".layers.")
-        index, dot, tail = rest.partition(".")
-        if sep and dot and index.isdigit():
-            folded.setdefault(f"{head}.layers.{{}}.{tail}", []).append(int(index))
-        else:
-            folded[prefix] = []
-    parts = []
-    for key, indices in folded.items():
-        if not indices:
-            parts.append(key)
-        elif len(indices) == 1:
-            parts.append(key.format(indices[0]))
-        elif indices == list(range(indices[0], indices[-1] + 1)):
-            parts.append(key.format(f"{{{indices[0]}..{indices[-1]}}}"))
-        else:
-            parts.append(key.format("{" + ",".join(map(str, indices)) + "}"))
-    return ", ".join(parts)
+_MAX_RANGES_SHOWN: Final = 20
+
+
+def _summary(parts: list[str | LayerPrefixes]) -> str:
+    """Prefixes for reading, per-layer ones folded: "decoder.layers.{0..11}.mlp.", "{0,2,5..7}"."""
+    shown = []
+    for part in parts:
+        if isinstance(part, str):
+            shown.append(part)
+            continue
+        ranges = [str(start) if stop - start == 1 else f"{start}..{stop - 1}" for start, stop in part.layers]
+        if len(ranges) > _MAX_RANGES_SHOWN:
+            ranges = [*ranges[:_MAX_RANGES_SHOWN], f"... {len(ranges) - _MAX_RANGES_SHOWN} more"]
+        single = len(ranges) == 1 and ".." not in ranges[0]
+        shown.append(f"{part.base}{ranges[0] if single else '{' + ','.join(ranges) + '}'}.{part.tail}")
+    return ", ".join(shown)

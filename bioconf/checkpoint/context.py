@@ -41,7 +41,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 
 from bioconf.checkpoint.layout import CONTEXT_DIR, IO_JSON, MODEL_YAML, CheckpointPaths, locate
-from bioconf.errors import CheckpointError, ConfigIssue, issues_from_validation
+from bioconf.errors import CheckpointError, ConfigIssue, issues_from_validation, short_repr
 from bioconf.fs import fsync_path, read_bytes, refuse_existing, replace_directory, write_synced
 from bioconf.schema.files import loads_json
 from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS
@@ -152,44 +152,65 @@ class _Malformed(Exception):
     """The document is JSON but not fiddle's serialization (reported with the field at hand)."""
 
 
+MAX_CONTEXT_DEPTH: Final = 100
+"""Levels of nesting below the model config, each reference counted as one: NeMo's deepest (a layer
+spec of nested ModuleSpecs) is a few dozen. It keeps the decoder's recursion (a few frames a level)
+and what reads its result (``_as_data``, orjson's 255 levels) far from any limit, so a chain of
+100,000 references is an error, not a RecursionError."""
+MAX_CONTEXT_VALUES: Final = 100_000
+"""Values the model config expands to, a shared reference counted at each use (as ``_as_data`` and
+JSON output expand it): a real one holds a few hundred. 30 objects that each refer to the one
+before twice expand to 2**30; they are refused after these, in time linear in the file."""
+
+
 class _Decoder:
     """One pass over the nodes reachable from the model config: refs resolved (each once), pyrefs
-    kept as names, containers and fiddle configs turned into plain Python data."""
+    kept as names, containers and fiddle configs turned into plain Python data.
+
+    Every method returns ``(value, values, levels)``: the value and the extent it expands to. A
+    reference decoded once is reused with its extent, so the limits (MAX_CONTEXT_DEPTH,
+    MAX_CONTEXT_VALUES) hold for the expanded result while each object is decoded only once."""
 
     def __init__(self, objects: dict[str, Any]):
         self.objects = objects
-        self.done: dict[str, Any] = {}
+        self.done: dict[str, tuple[Any, int, int]] = {}
         self.active: set[str] = set()
 
-    def value(self, node: Any) -> Any:
+    def value(self, node: Any, depth: int = 0) -> tuple[Any, int, int]:
+        if depth > MAX_CONTEXT_DEPTH:
+            raise _Malformed(f"nested deeper than {MAX_CONTEXT_DEPTH} levels (references included)")
         if type(node) is dict:
             kind = node.get("type")
             if kind == "leaf":
-                return node["value"]
+                return _leaf(node["value"], depth)
             if kind == "ref":
-                return self.ref(node.get("key"))
+                return self.ref(node.get("key"), depth)
             if kind == "pyref":
-                return self.pyref(node)
+                return self.pyref(node), 1, 1
             if type(kind) is dict:
-                return self.object(node)
-            raise _Malformed(f"a node of unknown type {kind!r}")
+                return self.object(node, depth)
+            raise _Malformed(f"a node of unknown type {short_repr(kind)}")
         if type(node) is list:
-            return [self.value(item) for item in node]
-        return node
+            decoded = [self.value(item, depth + 1) for item in node]
+            return _composite([item for item, _, _ in decoded], decoded)
+        return _leaf(node, depth)
 
-    def ref(self, key: Any) -> Any:
-        if key in self.done:
-            return self.done[key]
-        result = self.done[key] = self.value(self.referenced(key))
+    def ref(self, key: Any, depth: int = 0) -> tuple[Any, int, int]:
+        if type(key) is str and key in self.done:
+            result = self.done[key]
+            if depth + result[2] > MAX_CONTEXT_DEPTH:  # its target would sit at depth + 1
+                raise _Malformed(f"nested deeper than {MAX_CONTEXT_DEPTH} levels (references included)")
+            return result
+        result = self.done[key] = self.value(self.referenced(key), depth + 1)
         self.active.discard(key)
         return result
 
     def referenced(self, key: Any) -> Any:
         """The object ``key`` names, marked as being decoded (the caller unmarks it when done)."""
-        if not isinstance(key, str) or key not in self.objects:
-            raise _Malformed(f"a reference to a missing object {key!r}")
+        if type(key) is not str or key not in self.objects:
+            raise _Malformed(f"a reference to a missing object {short_repr(key)}")
         if key in self.active:
-            raise _Malformed(f"object {key!r} contains itself")
+            raise _Malformed(f"object {short_repr(key)} contains itself")
         self.active.add(key)
         return self.objects[key]
 
@@ -200,46 +221,85 @@ class _Decoder:
             raise _Malformed("a pyref without a module and a name")
         return _Pyref(module, name)
 
-    def object(self, node: dict[str, Any]) -> Any:
+    def object(self, node: dict[str, Any], depth: int) -> tuple[Any, int, int]:
         kind = self.pyref(node["type"])
         path = kind.path
-        values = [self.value(value) for _, value in node["items"]]
+        items = node["items"]
+        if type(items) is not list or not all(type(item) is list and len(item) == 2 for item in items):
+            raise _Malformed(f"the items of a {path} are not a list of [path, value] pairs")
+        decoded = [self.value(value, depth + 1) for _, value in items]
+        values = [value for value, _, _ in decoded]
         if path in _SEQUENCES:
-            return values
-        metadata = self.metadata(node.get("metadata"))
+            return _composite(values, decoded)
+        metadata, values_in_metadata, _ = self.metadata(node.get("metadata"), depth + 1)
         if path == "builtins:dict":
-            return dict(zip(metadata if type(metadata) is list else [], values, strict=True))
+            keys = metadata if type(metadata) is list else []
+            return _composite(dict(zip(keys, values, strict=True)), decoded, values_in_metadata)
         if isinstance(metadata, _Metadata):
             # fiddle's Config/Partial, or a NeMo IOMixin object flattened from its __io__.
             arguments = dict(zip(metadata.argument_names, values, strict=True))
-            return _Buildable(metadata.fn_or_cls, arguments, path in _PARTIAL_TYPES)
-        return _Object(kind, [(str(p), value) for (p, _), value in zip(node["items"], values, strict=True)])
+            return _composite(_Buildable(metadata.fn_or_cls, arguments, path in _PARTIAL_TYPES), decoded)
+        paths = [str(p) for p, _ in items]
+        return _composite(_Object(kind, list(zip(paths, values, strict=True))), decoded)
 
-    def metadata(self, node: Any) -> Any:
+    def metadata(self, node: Any, depth: int) -> tuple[Any, int, int]:
         """A Buildable's metadata: only fn_or_cls and the argument names are needed (not the tags
         or history), and the names are plain strings: read them without the general walk."""
         key = node.get("key") if type(node) is dict and node.get("type") == "ref" else None
-        if key is not None and key in self.done:
+        if type(key) is str and key in self.done:
             return self.done[key]
-        raw = self.objects.get(key) if key is not None else node
+        raw = self.objects.get(key) if type(key) is str else node
         kind = raw.get("type") if type(raw) is dict else None
         if type(kind) is not dict or (kind.get("module"), kind.get("name")) != _METADATA:
-            return self.value(node)
+            return self.value(node, depth)
         fields = {p: v for p, v in raw["items"]}
         names = fields["Attr(name='argument_names')"]
         if type(names) is dict and names.get("type") == "ref":
             names = self.objects[names["key"]]
-        result = _Metadata(self.value(fields["Attr(name='fn_or_cls')"]), [n for _, n in names["items"]])
+        argument_names = [n for _, n in names["items"]]
+        fn_or_cls, _, _ = self.value(fields["Attr(name='fn_or_cls')"], depth + 1)
+        result = (_Metadata(fn_or_cls, argument_names), 1 + len(argument_names), 2)
         if key is not None:
             self.done[key] = result
         return result
+
+
+def _composite(value: Any, parts: list[tuple[Any, int, int]], extra: int = 0) -> tuple[Any, int, int]:
+    """A container's extent from its parts'; refused past MAX_CONTEXT_VALUES."""
+    values = 1 + extra + sum(size for _, size, _ in parts)
+    if values > MAX_CONTEXT_VALUES:
+        raise _Malformed(f"the model config expands to more than {MAX_CONTEXT_VALUES} values")
+    return value, values, 1 + max((levels for _, _, levels in parts), default=0)
+
+
+def _leaf(value: Any, depth: int) -> tuple[Any, int, int]:
+    """A plain JSON value (a leaf's, or one inside metadata) with its extent, counted iteratively."""
+    if type(value) not in (list, dict):
+        return value, 1, 1
+    values, levels, stack = 0, 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        values += 1
+        levels = max(levels, level)
+        if depth + level > MAX_CONTEXT_DEPTH + 1:
+            raise _Malformed(f"nested deeper than {MAX_CONTEXT_DEPTH} levels (references included)")
+        if values > MAX_CONTEXT_VALUES:
+            raise _Malformed(f"the model config expands to more than {MAX_CONTEXT_VALUES} values")
+        if type(item) is dict:
+            stack.extend((child, level + 1) for child in item.values())
+        elif type(item) is list:
+            stack.extend((child, level + 1) for child in item)
+    return value, values, levels
 
 
 _SCALARS: Final = (str, int, float, bool, type(None))
 
 
 def _as_data(value: Any) -> Any:
-    """An unknown field's value as JSON-like data."""
+    """An unknown field's value as JSON data (what orjson writes): integers beyond 64 bits as text,
+    keys as strings. Recursion is bounded by the decoder's MAX_CONTEXT_DEPTH."""
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return _int_text(value)
     if type(value) in _SCALARS:
         return value
     if isinstance(value, _Pyref):
@@ -247,18 +307,34 @@ def _as_data(value: Any) -> Any:
     if isinstance(value, list):
         return [_as_data(v) for v in value]
     if isinstance(value, dict):
-        return {k: _as_data(v) for k, v in value.items()}
+        return {_key_text(k): _as_data(v) for k, v in value.items()}
     if isinstance(value, _Buildable):
         out: dict[Any, Any] = {"_target_": _as_data(value.target)}
         if value.partial:
             out["_partial_"] = True
-        out.update((k, _as_data(v)) for k, v in value.arguments.items())
+        out.update((_key_text(k), _as_data(v)) for k, v in value.arguments.items())
         return out
     if isinstance(value, _Object):
         return {"_type_": value.type.path, "items": {path: _as_data(v) for path, v in value.items}}
     if isinstance(value, _Metadata):
         return _as_data(value.fn_or_cls)
     return value
+
+
+def _int_text(value: int) -> str:
+    """An integer as text (Python converts at most 4,300 digits to decimal)."""
+    return str(value) if value.bit_length() < 14000 else f"<integer of {value.bit_length()} bits>"
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as JSON writes it: strings as they are, numbers and names as text."""
+    if type(key) is str:
+        return key
+    if type(key) is int:
+        return _int_text(key)
+    if isinstance(key, _Pyref):
+        return key.path
+    return short_repr(key, 1000)
 
 
 def _known_value(name: str, value: Any, class_path: str) -> Any:
@@ -308,7 +384,7 @@ def _parse(raw: bytes, source: str) -> Any:
     except CheckpointError:
         try:  # fiddle writes with json.dumps, which spells non-finite floats NaN / Infinity
             return json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # the json module recurses once per level
             pass
         raise
 
@@ -364,8 +440,8 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
         )
     decoder = _Decoder(objects)
     try:
-        node = decoder.ref(key)
-    except (_Malformed, KeyError, TypeError, ValueError, AttributeError) as error:
+        node, _, _ = decoder.ref(key)
+    except (_Malformed, KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise _malformed(error, ("model", "config"), source) from None
     if not isinstance(node, _Buildable) or not isinstance(node.target, _Pyref):
         raise CheckpointError(
@@ -385,7 +461,7 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
         if name in _KNOWN_FIELDS:
             known[name] = _known_value(name, value, class_path)
         else:
-            unknown[str(name)] = _as_data(value)
+            unknown[_key_text(name)] = _as_data(value)
     try:
         config = ModelConfig.model_validate(known)
     except ValidationError as error:
@@ -402,6 +478,7 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
 
 def _malformed(error: Exception, loc: tuple[str, ...], source: str) -> CheckpointError:
     detail = str(error) if isinstance(error, _Malformed) else f"{type(error).__name__}: {error}"
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
     return CheckpointError(
         [
             ConfigIssue(

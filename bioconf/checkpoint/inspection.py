@@ -14,6 +14,7 @@ import orjson
 
 from bioconf.checkpoint.context import read_checkpoint_config
 from bioconf.checkpoint.weights_index import read_weights_metadata
+from bioconf.errors import jsonable
 
 
 def inspect_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -41,7 +42,11 @@ def format_inspection(result: dict[str, Any], fmt: Literal["text", "json"] = "te
     """``inspect_checkpoint``'s result for people (the config, then an aligned tensor table with a
     total) or as one JSON document."""
     if fmt == "json":
-        return orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n"
+        option = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+        try:
+            return orjson.dumps(result, option=option).decode() + "\n"
+        except TypeError:  # orjson.JSONEncodeError: the readers bound what they return; this is a net
+            return orjson.dumps(jsonable(result), option=option).decode() + "\n"
     if fmt != "text":
         raise ValueError(f"unknown format {fmt!r}; expected 'text' or 'json'")
     return "\n".join(_text_lines(result)) + "\n"
@@ -61,8 +66,18 @@ def _human(n: int) -> str:
     return f"{n} B" if unit == "B" else f"{scaled:.1f} {unit}"
 
 
+MAX_CELL_CHARS = 200
+"""Characters shown of one table cell: a name or value from a checkpoint may be megabytes long, and
+every row is padded to the widest (the JSON output holds everything)."""
+
+
+def _cell(text: str) -> str:
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 3] + "..."
+
+
 def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
-    """Rows aligned in columns (those in ``right`` right-aligned), two spaces apart."""
+    """Rows aligned in columns (those in ``right`` right-aligned), two spaces apart; long cells cut."""
+    rows = [tuple(_cell(cell) for cell in row) for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(

@@ -11,8 +11,9 @@ shape that does not fit. Plain data: nothing here imports torch or megatron.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any, Final
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, overload
 
 from bioconf.checkpoint.layout import MODULE_PREFIX
 from bioconf.schema.derived import effective
@@ -153,28 +154,197 @@ _MODULES: Final[dict[str, dict[str, Callable[[ModelConfig], bool]]]] = {
 UNRECORDED_WHEN_NONE: Final[frozenset[str]] = frozenset({"vocab_size", "seq_length"})
 
 
-def shaped_weights(config: ModelConfig, name: str) -> tuple[str, ...] | None:
+@dataclass(frozen=True)
+class LayerPrefixes(Sequence[str]):
+    """The prefixes ``{block}.layers.{i}.{tail}`` of the layers ``i`` in ``layers`` (ranges
+    ``[start, stop)``), as one pattern: a model of 10**12 layers costs what one of 2 does. A sequence
+    of its prefixes all the same, expanded only when iterated."""
+
+    block: str
+    tail: str
+    layers: tuple[tuple[int, int], ...]
+
+    @property
+    def base(self) -> str:
+        """``decoder.layers.``: what every prefix starts with before its layer number."""
+        return f"{self.block}.layers."
+
+    def prefix(self, layer: int) -> str:
+        return f"{self.base}{layer}.{self.tail}"
+
+    @property
+    def count(self) -> int:
+        """How many layers (``len`` fails beyond ``sys.maxsize``; this never does)."""
+        return sum(stop - start for start, stop in self.layers)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return bool(self.layers)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        for start, stop in self.layers:
+            if 0 <= index < stop - start:
+                return self.prefix(start + index)
+            index -= stop - start
+        raise IndexError("layer prefix index out of range")
+
+    def __iter__(self) -> Iterator[str]:
+        for start, stop in self.layers:
+            yield from (self.prefix(layer) for layer in range(start, stop))
+
+    def not_skipped(self, skips: Sequence[str]) -> LayerPrefixes:
+        """The layers none of ``skips`` covers, decided from the skips alone (never per layer): a skip
+        that is a prefix of ``base`` covers every layer; ``base + "3."`` (and longer, within ``tail``)
+        covers layer 3; ``base + "3"`` every layer whose number starts with 3 (the runtime matches
+        keys by ``startswith``)."""
+        total = self.layers[-1][1] if self.layers else 0
+        covered: list[tuple[int, int]] = []
+        for skip in skips:
+            if self.base.startswith(skip):
+                return LayerPrefixes(self.block, self.tail, ())
+            if not skip.startswith(self.base):
+                continue
+            number, dot, rest = skip[len(self.base) :].partition(".")
+            if not (number.isascii() and number.isdigit()) or len(number) > len(str(total)):
+                continue  # no layer's number is written so (or that long)
+            if dot:
+                if str(int(number)) == number and self.tail.startswith(rest):
+                    covered.append((int(number), int(number) + 1))
+            else:
+                covered += _numbers_starting_with(number, total)
+        return LayerPrefixes(self.block, self.tail, _subtract(self.layers, covered))
+
+
+def _numbers_starting_with(digits: str, stop: int) -> list[tuple[int, int]]:
+    """The ranges of the numbers in ``[0, stop)`` whose decimal form starts with ``digits``."""
+    if digits.startswith("0"):
+        return [(0, 1)] if digits == "0" and stop > 0 else []
+    head, spans, scale = int(digits), [], 1
+    while head * scale < stop:
+        spans.append((head * scale, min((head + 1) * scale, stop)))
+        scale *= 10
+    return spans
+
+
+def _subtract(
+    spans: tuple[tuple[int, int], ...], removed: list[tuple[int, int]]
+) -> tuple[tuple[int, int], ...]:
+    """``spans`` (sorted, disjoint) less the union of ``removed``."""
+    out: list[tuple[int, int]] = []
+    cuts = sorted(removed)
+    for start, stop in spans:
+        position = start
+        for cut_start, cut_stop in cuts:
+            if cut_stop <= position or cut_start >= stop:
+                continue
+            if cut_start > position:
+                out.append((position, cut_start))
+            position = max(position, cut_stop)
+        if position < stop:
+            out.append((position, stop))
+    return tuple(out)
+
+
+class ShapedWeights(Sequence[str]):
+    """The key prefixes of the weights a field shapes: plain prefixes and per-layer patterns
+    (``LayerPrefixes``) in table order. A sequence of every prefix, expanded only when iterated;
+    ``not_skipped`` answers without expanding."""
+
+    def __init__(self, parts: Sequence[str | LayerPrefixes]):
+        self.parts: tuple[str | LayerPrefixes, ...] = tuple(part for part in parts if part)
+
+    @property
+    def count(self) -> int:
+        """How many prefixes (``len`` fails beyond ``sys.maxsize``; this never does)."""
+        return sum(1 if isinstance(part, str) else part.count for part in self.parts)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        for part in self.parts:
+            size = 1 if isinstance(part, str) else part.count
+            if 0 <= index < size:
+                return part if isinstance(part, str) else part[index]
+            index -= size
+        raise IndexError("prefix index out of range")
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self.parts:
+            if isinstance(part, str):
+                yield part
+            else:
+                yield from part
+
+    def __repr__(self) -> str:
+        return f"ShapedWeights({list(self.parts)!r})"
+
+    def not_skipped(self, skips: Sequence[str]) -> list[str | LayerPrefixes]:
+        """The parts (per-layer ones narrowed to their layers) that no skip prefix covers."""
+        left: list[str | LayerPrefixes] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                if not is_skipped(part, skips):
+                    left.append(part)
+            elif narrowed := part.not_skipped(skips):
+                left.append(narrowed)
+        return left
+
+
+def shaped_weights(config: ModelConfig, name: str) -> ShapedWeights | None:
     """The key prefixes of the weights field ``name`` shapes in the model ``config`` builds (empty when
-    it builds none of them); None when bioconf cannot tell (a user model class)."""
+    it builds none of them); None when bioconf cannot tell (a user model class). Per-layer prefixes
+    stay patterns: nothing here grows with ``num_layers``."""
     family = config.model_cls
     if family not in _MODULES:
         return None
     present = [module for module, exists in _MODULES[family].items() if exists(config)]
     block = _BLOCK[family]
-    prefixes: list[str] = []
+    parts: list[str | LayerPrefixes] = []
     for pattern in SHAPE_PREFIXES[name]:
         if pattern == "*":
-            prefixes.extend(present)
-        elif "{layer}" in pattern:
-            prefixes.extend(
-                pattern.format(layer=f"{block}.layers.{i}.", block=block) for i in range(config.num_layers)
-            )
+            parts.extend(present)
+        elif pattern.startswith("{layer}"):
+            layers = ((0, config.num_layers),) if config.num_layers and config.num_layers > 0 else ()
+            parts.append(LayerPrefixes(block, pattern.removeprefix("{layer}").format(block=block), layers))
         else:
-            prefixes.append(pattern.format(block=block))
-    return tuple(p for p in prefixes if any(p.startswith(module) for module in present))
+            parts.append(pattern.format(block=block))
+    return ShapedWeights(
+        [
+            part
+            for part in parts
+            if any(
+                (part if isinstance(part, str) else part.prefix(0)).startswith(module) for module in present
+            )
+        ]
+    )
 
 
-def is_skipped(prefix: str, skips: list[str]) -> bool:
+assert all(p.startswith("{layer}") or "{layer}" not in p for ps in SHAPE_PREFIXES.values() for p in ps)
+
+
+def is_skipped(prefix: str, skips: Sequence[str]) -> bool:
     """The runtime skips a key that starts with a skip prefix: a broader (or equal) skip covers ``prefix``."""
     return any(prefix.startswith(skip) for skip in skips)
 

@@ -49,7 +49,11 @@ from bioconf.checkpoint.unpickling import (
     Malformed,
     read_dcp_metadata_file,
 )
-from bioconf.errors import CheckpointError
+from bioconf.errors import CheckpointError, short_repr
+from bioconf.schema.overrides import limit_breach
+
+_INT64: Final = 2**63
+"""torch counts elements and bytes in int64: no real size, offset or length reaches this."""
 
 # ---- stand-ins ----------------------------------------------------------------------------------
 
@@ -148,8 +152,8 @@ class _Size(tuple, metaclass=_Sealed):
     __slots__ = ()
 
     def __new__(cls, dims: Any = ()) -> _Size:
-        if type(dims) not in (tuple, list) or not all(type(d) is int and d >= 0 for d in dims):
-            raise Malformed(f"torch.Size of {dims!r}: not a sequence of non-negative ints")
+        if type(dims) not in (tuple, list) or not all(type(d) is int and 0 <= d < _INT64 for d in dims):
+            raise Malformed(f"torch.Size of {short_repr(dims)}: not a sequence of non-negative 64-bit ints")
         return super().__new__(cls, dims)
 
 
@@ -172,7 +176,7 @@ class _EnumMember(str, metaclass=_Sealed):
 
     def __new__(cls, value: Any) -> _EnumMember:
         if type(value) is not int or value not in cls._MEMBERS:
-            raise Malformed(f"{cls.__name__.lstrip('_')}({value!r}): no such member")
+            raise Malformed(f"{cls.__name__.lstrip('_')}({short_repr(value)}): no such member")
         return super().__new__(cls, cls._MEMBERS[value])
 
 
@@ -269,12 +273,17 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return 0 if 0 in self.shape else math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         """The tensor's size in memory (numel * itemsize), not its stored size."""
-        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+        itemsize = DTYPE_ITEMSIZE.get(self.dtype)
+        if itemsize is None:
+            raise CheckpointError.one(
+                f"{_named(self.name)}: unknown dtype {short_repr(self.dtype)}", "unknown_dtype"
+            )
+        return self.numel * itemsize
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -352,12 +361,17 @@ _RECORD_NAMES: Final[dict[type, str]] = {
 }
 
 
+def _named(name: str) -> str:
+    """A tensor's name for a message: names come from the file, and may be megabytes long."""
+    return name if len(name) <= 200 else name[:197] + "..."
+
+
 def _field(record: _Record, name: str, kinds: type | tuple[type, ...], where: str = "") -> Any:
     """``record.name``, checked to be one of ``kinds``; ``where`` names the item for the message."""
     value = record.state.get(name)
     if not isinstance(value, kinds):
         got = "missing" if value is None else f"a {type(value).__name__}"
-        prefix = f"{where}: " if where else ""
+        prefix = f"{_named(where)}: " if where else ""
         raise Malformed(f"{prefix}{_RECORD_NAMES[type(record)]}.{name} is {got}")
     return value
 
@@ -380,36 +394,55 @@ def _location(
     """(file, offset, length) of one stored item."""
     info = storage.get((fqn, offsets))
     if info is None:
-        at = "" if offsets is None else f" at offsets {list(offsets)}"
-        raise Malformed(f"{fqn}{at}: no storage_data entry says where its bytes are")
-    return (
-        _field(info, "relative_path", str, fqn),
-        _field(info, "offset", int, fqn),
-        _field(info, "length", int, fqn),
-    )
+        at = "" if offsets is None else f" at offsets {short_repr(list(offsets))}"
+        raise Malformed(f"{_named(fqn)}{at}: no storage_data entry says where its bytes are")
+    return (_field(info, "relative_path", str, fqn), _count(info, "offset", fqn), _count(info, "length", fqn))
+
+
+def _count(record: _Record, name: str, where: str) -> int:
+    """``record.name``, an int that a file offset or length can be (0 <= n < 2**63)."""
+    value = _field(record, name, int, where)
+    if type(value) is not int or not 0 <= value < _INT64:
+        record_name = _RECORD_NAMES[type(record)]
+        raise Malformed(f"{_named(where)}: {record_name}.{name} is {short_repr(value)}, not a 64-bit count")
+    return value
 
 
 def _tensor(name: str, item: _TensorStorageMetadata, storage: dict[Any, _StorageInfo]) -> TensorInfo:
     properties = _field(item, "properties", _TensorProperties, name)
     dtype = _field(properties, "dtype", _Dtype, name)
+    if dtype not in DTYPE_ITEMSIZE:
+        raise Malformed(f"{_named(name)}: unknown dtype {short_repr(str(dtype))}")
     chunks = []
     for chunk in _field(item, "chunks", list, name):
         if not isinstance(chunk, _ChunkStorageMetadata):
-            raise Malformed(f"{name}: a chunk that is not a ChunkStorageMetadata")
+            raise Malformed(f"{_named(name)}: a chunk that is not a ChunkStorageMetadata")
         offsets = _field(chunk, "offsets", _Size, name)
         chunks.append(
             Chunk(
                 tuple(offsets), tuple(_field(chunk, "sizes", _Size, name)), *_location(storage, name, offsets)
             )
         )
-    return TensorInfo(name, tuple(_field(item, "size", _Size, name)), str(dtype), tuple(chunks))
+    shape = tuple(_field(item, "size", _Size, name))
+    if 0 not in shape:
+        nbytes = DTYPE_ITEMSIZE[dtype]
+        for dim in shape:  # stops as soon as it is too large: a product of huge factors is slow
+            nbytes *= dim
+            if nbytes >= _INT64:
+                raise Malformed(
+                    f"{_named(name)}: a {dtype!s} tensor of shape {short_repr(shape)} "
+                    "holds more than 2**63 bytes"
+                )
+    return TensorInfo(name, shape, str(dtype), tuple(chunks))
 
 
 def _natural_key(name: str) -> list[Any]:
-    """``layers.2`` before ``layers.10``."""
+    """``layers.2`` before ``layers.10`` (numbers of up to 18 ASCII digits: ``int`` reads those
+    quickly and never refuses them)."""
     parts: list[Any] = []
     for part in name.split("."):
-        parts.extend((0, int(part)) if part.isdigit() else (1, part))
+        number = part.isascii() and part.isdigit() and len(part) <= 18
+        parts.extend((0, int(part)) if number else (1, part))
     return parts
 
 
@@ -425,20 +458,27 @@ def read_weights_metadata(ckpt_dir: str | os.PathLike[str]) -> WeightsMetadata:
     weights = locate(ckpt_dir).require_weights()
     path = weights / METADATA_FILE
     backend = read_backend(weights)
+    if backend is not None and (breach := limit_breach(backend)):
+        raise CheckpointError.one(
+            f"metadata.json: {breach[0]}", breach[1], source=weights / "metadata.json", loc=(breach[2],)
+        )
     metadata = load_dcp_metadata(path)
     try:
         storage = _storage_index(metadata)
         tensors, objects = [], []
         for name, item in _field(metadata, "state_dict_metadata", dict).items():
             if not isinstance(name, str):
-                raise Malformed(f"a state dict key {name!r} that is not a string")
+                raise Malformed(f"a state dict key {short_repr(name)} that is not a string")
             if isinstance(item, _TensorStorageMetadata):
                 tensors.append(_tensor(name, item, storage))
             elif isinstance(item, _BytesStorageMetadata):
                 objects.append(ObjectInfo(name, *_location(storage, name, None)))
             else:
-                raise Malformed(f"{name}: an item that is neither a tensor nor bytes")
+                raise Malformed(f"{_named(name)}: an item that is neither a tensor nor bytes")
         version = _field(metadata, "version", (str, type(None)))
+        result = WeightsMetadata(weights, backend, version, _sorted(tensors), _sorted(objects))
+        if result.total_bytes >= _INT64 or any(size >= _INT64 for size in result.files().values()):
+            raise Malformed("the tensors or a shard file add up to more than 2**63 bytes")
     except Malformed as error:
         raise CheckpointError.one(f"not DCP metadata: {error}", "not_dcp_metadata", source=path) from None
-    return WeightsMetadata(weights, backend, version, _sorted(tensors), _sorted(objects))
+    return result

@@ -12,6 +12,7 @@ where ``config`` carries ``vocab_size``, ``seq_length`` and the other fields the
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -55,6 +56,83 @@ def _require_shapes(config: Any) -> tuple[int, int]:
     return config.vocab_size, config.seq_length  # type: ignore[return-value]
 
 
+def parameter_estimate(config: Any) -> tuple[int, int, int]:
+    """(embedding, per-layer, shards): about how many parameters a GPT/BERT model's embeddings and
+    output layer hold, and each of its layers (attention's q, k, v and output projection, the MLP or
+    every expert's), and how many ranks share them (tensor x pipeline x expert parallel). Norms,
+    biases and heads are left out: a model refused by it surely does not fit. Python integers, so
+    no product overflows."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads or 1
+    kv_channels = config.kv_channels or hidden // heads
+    groups = config.num_query_groups or heads
+    attention = hidden * kv_channels * (2 * heads + 2 * groups)
+    glu = 2 if config.gated_linear_unit else 1
+    ffn = config.ffn_hidden_size or 4 * hidden
+    if config.num_moe_experts:
+        mlp = config.num_moe_experts * (glu + 1) * hidden * (config.moe_ffn_hidden_size or ffn)
+    else:
+        mlp = (glu + 1) * hidden * ffn
+    embedding = (config.vocab_size or 0) * hidden * (1 if config.share_embeddings_and_output_weights else 2)
+    if config.position_embedding_type == "learned_absolute":
+        embedding += (config.seq_length or 0) * hidden
+    shards = (
+        max(config.tensor_model_parallel_size or 1, 1)
+        * max(config.pipeline_model_parallel_size or 1, 1)
+        * max(config.expert_model_parallel_size or 1, 1)
+    )
+    return embedding, attention + mlp, shards
+
+
+def memory_for_parameters(config: Any) -> tuple[int, str]:
+    """(bytes, where) the parameters will be allocated in: the GPU's free memory unless megatron
+    initializes on CPU, else the machine's physical memory."""
+    if not config.use_cpu_initialization and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"GPU {torch.cuda.current_device()} (free memory)"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine (physical memory)"
+
+
+def _require_memory(config: Any) -> None:
+    """Refuse, before anything is allocated, a model whose parameters alone cannot fit: torch would
+    fail deep inside megatron with an overflow or an out-of-memory error (vocab_size 2**62 read from
+    a checkpoint), or the machine would start swapping."""
+    embedding, per_layer, shards = parameter_estimate(config)
+    layers = per_layer * (config.num_layers or 0)
+    params = (embedding + layers) // shards
+    itemsize = torch.empty((), dtype=config.params_dtype).element_size()
+    needed = params * itemsize
+    available, where = memory_for_parameters(config)
+    if needed <= available:
+        return
+    fields = {
+        name: getattr(config, name)
+        for name in ("vocab_size", "hidden_size", "num_layers", "ffn_hidden_size", "num_attention_heads")
+    }
+    message = (
+        f"the model's parameters need about {_size(needed)} on this rank ({_count(params)} parameters "
+        f"of {itemsize} bytes, {config.params_dtype}, over {shards} model-parallel ranks) but {where} "
+        f"has {_size(available)}: " + ", ".join(f"{name}={_count(value)}" for name, value in fields.items())
+    )
+    largest = "vocab_size" if embedding >= layers else "num_layers"
+    raise ConfigError([ConfigIssue(message, "model_too_large", (largest,), fields)])
+
+
+def _count(value: Any) -> str:
+    """A (possibly huge) integer for a message."""
+    if not isinstance(value, int):
+        return repr(value)
+    return f"{value:,}" if value.bit_length() < 200 else f"about 2**{value.bit_length() - 1}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            break
+        n //= 1024
+    return f"{_count(n)} {unit}"
+
+
 def gpt_layer_spec(config: Any) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
@@ -86,6 +164,7 @@ def build_model(config: Any, vp_stage: int | None = None) -> MegatronModule:
     if not (is_gpt or is_bert):
         return model_cls(config=config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
     vocab_size, seq_length = _require_shapes(config)
+    _require_memory(config)
     common = {
         "config": config,
         "vocab_size": vocab_size,

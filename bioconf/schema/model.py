@@ -12,7 +12,6 @@ submit time what megatron would raise on a GPU node:
 Instances are frozen values: derive new ones with ``with_overrides``.
 """
 
-import difflib
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from bioconf.errors import ConfigError, OverrideError, issues_from_validation
+from bioconf.errors import ConfigError, OverrideError, issues_from_validation, short_repr
 from bioconf.schema import rules
 from bioconf.schema.display import fields_table
 from bioconf.schema.megatron_fields import MegatronFields
@@ -179,13 +178,13 @@ class ModelConfig(MegatronFields, BaseModel):
                 raise PydanticCustomError(
                     "unknown_field_name",
                     "{name} (item {index}) is not a field{hint}",
-                    {"index": index, "name": repr(name), "hint": _did_you_mean(name, known)},
+                    {"index": index, "name": short_repr(name), "hint": _did_you_mean(name, known)},
                 )
             if name in seen:
                 raise PydanticCustomError(
                     "duplicate_name",
                     "{name} (item {index}) is listed twice",
-                    {"index": index, "name": repr(name)},
+                    {"index": index, "name": short_repr(name)},
                 )
             seen.add(name)
         return names
@@ -208,6 +207,21 @@ class ModelConfig(MegatronFields, BaseModel):
             config = handler(data)
         except ValidationError as error:
             raise _with_suggestions(error, cls) from None
+        beyond = [name for name in config.model_fields_set if not _json_int_safe(getattr(config, name))]
+        if beyond:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "number_out_of_range", "an integer JSON cannot hold (beyond 64 bits)"
+                        ),
+                        loc=(name,),
+                        input=getattr(config, name),
+                    )
+                    for name in sorted(beyond)
+                ],
+            )
         violations = rules.check_rules(config)
         if violations:
             raise ValidationError.from_exception_data(
@@ -270,25 +284,48 @@ class ModelConfig(MegatronFields, BaseModel):
         return [(name, getattr(self, name)) for name in self.model_fields if name in self.model_fields_set]
 
 
+def _json_int_safe(value: Any) -> bool:
+    """No integer beyond 64 bits (what canonical JSON, the fingerprint, can hold), also in a list."""
+    if type(value) is int:
+        return -(2**63) <= value < 2**64
+    if isinstance(value, (list, tuple)):
+        return all(_json_int_safe(item) for item in value)
+    return True
+
+
+MAX_SUGGESTIONS: Final = 20
+"""Unknown names that get a "did you mean": each is a difflib search over every field, and a
+document with thousands of unknown keys is not a config with a typo (the rest are still listed)."""
+_LONGEST_NAME: Final = 64
+"""No field name is longer: a name far longer matches none, and is not searched for."""
+
+
 def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    if len(name) > 2 * _LONGEST_NAME:
+        return ""
+    import difflib  # only an unknown name pays for the import
+
     close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.75)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _with_suggestions(error: ValidationError, model: type["ModelConfig"]) -> ValidationError:
-    """Rewrite pydantic's "extra inputs are not permitted" as "unknown field ...; did you mean".
+    """Rewrite pydantic's "extra inputs are not permitted" as "unknown field ...; did you mean" (for
+    the first MAX_SUGGESTIONS unknown names).
 
     Re-raising needs every error as a custom error: pydantic only rebuilds its own types from a
     name, and ours (dtype, activation, ...) would not round-trip.
     """
     details: list[InitErrorDetails] = []
+    suggested = 0
     for item in error.errors(include_url=False):
         if item["type"] == "extra_forbidden":
             name = str(item["loc"][-1])
-            kind, message = (
-                "unknown_field",
-                f"unknown field {name!r}{_did_you_mean(name, model.model_fields)}",
-            )
+            hint = ""
+            if suggested < MAX_SUGGESTIONS:
+                suggested += 1
+                hint = _did_you_mean(name, model.model_fields)
+            kind, message = "unknown_field", f"unknown field {short_repr(name)}{hint}"
         else:
             kind, message = item["type"], item["msg"]
         details.append(
