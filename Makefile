@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 # Reinstall only when the package metadata or the pins change.
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench schema-table clean
+.PHONY: install test fuzz lint demo bench schema-table clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ $(CHROMIUM):
 
 test: lint $(CHROMIUM)
 	$(PY) -m pytest -n 2 -q
+
+# The adversarial suite for longer: every fuzz test draws FUZZ_SCALE times its CI examples, fresh
+# random inputs each run (make test runs them derandomized, at scale 1).
+FUZZ_SCALE ?= 50
+fuzz: $(STAMP)
+	BIOCONF_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -n 2 -q tests/test_hostile_documents.py \
+		tests/test_hostile_checkpoints.py tests/test_service_hostile.py tests/test_corrupted_weights.py \
+		tests/test_json_schema.py
 
 # Fine-tunes a small ESM-2-like checkpoint (created once under checkpoints/) and prints the report.
 demo: $(STAMP)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -46,3 +48,13 @@ def nemo_dump(io: Any, trainer: Any, model: Any, context_dir: Path) -> None:
     if importlib.util.find_spec("nemo_run") is None:
         context._io_dump_yaml = lambda _io, attrs: {}
     context.io_dump(context_dir, yaml_attrs=["model"])
+
+
+FUZZ_SCALE = int(os.environ.get("BIOCONF_FUZZ_SCALE", "1"))
+"""``make fuzz`` multiplies the fuzz tests' example counts by this (1 in ``make test``)."""
+
+
+def fuzz_settings(examples: int, **options: Any) -> settings:
+    """Hypothesis settings of a fuzz test: ``examples`` derandomized in ``make test`` (repeatable in
+    CI); ``examples * BIOCONF_FUZZ_SCALE`` fresh random inputs in ``make fuzz``."""
+    return settings(max_examples=examples * FUZZ_SCALE, deadline=None, derandomize=FUZZ_SCALE == 1, **options)

@@ -18,8 +18,8 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import ROOT
-from hypothesis import HealthCheck, given, settings
+from conftest import ROOT, fuzz_settings
+from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 
 from bioconf.checkpoint.context import write_checkpoint_context
@@ -318,7 +318,7 @@ def test_per_layer_prefixes_stay_a_pattern():
     assert part.not_skipped(["decoder.layers.7."]).layers == ((0, 7), (8, 10**12))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@fuzz_settings(150)
 @given(
     layers=st.integers(0, 130),
     skips=st.lists(
@@ -417,7 +417,7 @@ def _parse_and_validate(raw: bytes, yaml: bool, overrides: list[str]) -> None:
         assert all(len(str(issue).splitlines()) == 1 for issue in error.issues)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(60, suppress_health_check=[HealthCheck.too_slow])
 @given(document=_DOCUMENTS, overrides=_OVERRIDES, as_yaml=st.booleans())
 def test_fuzz_documents_and_overrides(document: dict[str, Any], overrides: list[str], as_yaml: bool):
     import yaml
@@ -433,7 +433,7 @@ def test_fuzz_documents_and_overrides(document: dict[str, Any], overrides: list[
     assert one_json_document(stdout)["exit_code"] == code
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@fuzz_settings(60)
 @given(raw=_YAML_SNIPPETS | st.binary(max_size=64), overrides=_OVERRIDES)
 def test_fuzz_raw_bytes(raw: bytes, overrides: list[str]):
     _parse_and_validate(raw, True, overrides)

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import jsonschema
 import pytest
 from annotated_types import Ge
-from conftest import EXAMPLES
-from hypothesis import assume, given, settings
+from conftest import EXAMPLES, fuzz_settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from pydantic import BeforeValidator, StringConstraints, ValidationError
 from pydantic.fields import FieldInfo
@@ -265,7 +265,7 @@ def accepted_documents(draw: st.DrawFn) -> dict[str, Any]:
     return document
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@fuzz_settings(300)
 @given(document=accepted_documents())
 def test_accepted_documents_pass_the_schema(document):
     errors = [f"{list(error.path)}: {error.message}" for error in schema_validator().iter_errors(document)]
