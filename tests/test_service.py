@@ -56,7 +56,7 @@ from bioconf.checkpoint.context import write_checkpoint_context
 from bioconf.errors import CheckpointForbiddenError, UsageError
 from bioconf.schema import ModelConfig, json_schema, load_config
 from bioconf.service import ServiceSettings, create_app
-from bioconf.service.checkpoints import CheckpointRoot, locate_checkpoint
+from bioconf.service.checkpoints import CheckpointRoot, read_checkpoint_bytes
 
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
 PROBLEM = "application/problem+json"
@@ -480,9 +480,9 @@ def test_resolve_status_codes(client):
     _problem(_resolve(client, BASE), 400, "invalid-request")
 
 
-def test_locate_checkpoint_without_roots_refuses_everything(tmp_path):
+def test_reading_a_checkpoint_without_roots_refuses_everything(tmp_path):
     with pytest.raises(CheckpointForbiddenError) as refused:
-        locate_checkpoint("small", ())
+        read_checkpoint_bytes("small", (), 1 << 20)
     assert refused.value.status == 403
     with pytest.raises(UsageError, match="must be a folder"):
         CheckpointRoot.of(tmp_path / "missing")

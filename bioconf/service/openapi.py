@@ -118,6 +118,11 @@ def _problem(description: str) -> dict[str, Any]:
     }
 
 
+def _busy(description: str) -> dict[str, Any]:
+    retry = {"description": "Seconds to wait before retrying (on `busy`).", "schema": {"type": "string"}}
+    return {**_problem(description), "headers": {"Retry-After": retry}}
+
+
 def _json(schema: str, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": _REF + schema}}}}
 
@@ -164,6 +169,11 @@ _BODY_PROBLEMS = {
     "413": _problem("The body is larger than the limit (1 MiB for JSON, 64 KiB for YAML by default)."),
     "415": _problem("The content type is neither JSON nor YAML."),
     "422": _problem("The config is invalid: `errors` lists the same errors as `bioconf validate`."),
+    "503": _busy(
+        "Parsing and validating the body (YAML, or JSON that is costly to validate) took longer than "
+        "the request time limit (`timeout`), or every worker slot is taken (`busy`, at once, with "
+        "Retry-After)."
+    ),
 }
 
 VALIDATE = {
@@ -188,7 +198,10 @@ RESOLVE = {
             "(checkpoint-mismatch) or the merge breaks a megatron rule (invalid-merge)."
         ),
         "422": _problem("The config is invalid, or the checkpoint's context is (invalid-checkpoint)."),
-        "503": _problem("Reading the checkpoint took longer than the request time limit."),
+        "503": _busy(
+            "Validating the body or reading the checkpoint took longer than the request time limit "
+            "(`timeout`), or every worker slot is taken (`busy`, at once, with Retry-After)."
+        ),
     },
 }
 
