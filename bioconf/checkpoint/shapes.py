@@ -154,8 +154,46 @@ _MODULES: Final[dict[str, dict[str, Callable[[ModelConfig], bool]]]] = {
 UNRECORDED_WHEN_NONE: Final[frozenset[str]] = frozenset({"vocab_size", "seq_length"})
 
 
+class _Runs(Sequence[str]):
+    """Prefixes made of consecutive runs, each known by its size and how to make its i-th prefix:
+    counted and indexed without expanding them."""
+
+    def _runs(self) -> Iterator[tuple[int, Callable[[int], str]]]:
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        """How many prefixes (``len`` fails beyond ``sys.maxsize``; this never does)."""
+        return sum(size for size, _ in self._runs())
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return any(size for size, _ in self._runs())
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.count))]
+        if index < 0:
+            index += self.count
+        for size, make in self._runs():
+            if 0 <= index < size:
+                return make(index)
+            index -= size
+        raise IndexError("prefix index out of range")
+
+    def __iter__(self) -> Iterator[str]:
+        for size, make in self._runs():
+            yield from (make(i) for i in range(size))
+
+
 @dataclass(frozen=True)
-class LayerPrefixes(Sequence[str]):
+class LayerPrefixes(_Runs):
     """The prefixes ``{block}.layers.{i}.{tail}`` of the layers ``i`` in ``layers`` (ranges
     ``[start, stop)``), as one pattern: a model of 10**12 layers costs what one of 2 does. A sequence
     of its prefixes all the same, expanded only when iterated."""
@@ -172,35 +210,9 @@ class LayerPrefixes(Sequence[str]):
     def prefix(self, layer: int) -> str:
         return f"{self.base}{layer}.{self.tail}"
 
-    @property
-    def count(self) -> int:
-        """How many layers (``len`` fails beyond ``sys.maxsize``; this never does)."""
-        return sum(stop - start for start, stop in self.layers)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __bool__(self) -> bool:
-        return bool(self.layers)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[str]: ...
-    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.count))]
-        if index < 0:
-            index += self.count
+    def _runs(self) -> Iterator[tuple[int, Callable[[int], str]]]:
         for start, stop in self.layers:
-            if 0 <= index < stop - start:
-                return self.prefix(start + index)
-            index -= stop - start
-        raise IndexError("layer prefix index out of range")
-
-    def __iter__(self) -> Iterator[str]:
-        for start, stop in self.layers:
-            yield from (self.prefix(layer) for layer in range(start, stop))
+            yield stop - start, lambda index, start=start: self.prefix(start + index)
 
     def not_skipped(self, skips: Sequence[str]) -> LayerPrefixes:
         """The layers none of ``skips`` covers, decided from the skips alone (never per layer): a skip
@@ -255,7 +267,7 @@ def _subtract(
     return tuple(out)
 
 
-class ShapedWeights(Sequence[str]):
+class ShapedWeights(_Runs):
     """The key prefixes of the weights a field shapes: plain prefixes and per-layer patterns
     (``LayerPrefixes``) in table order. A sequence of every prefix, expanded only when iterated;
     ``not_skipped`` answers without expanding."""
@@ -263,39 +275,12 @@ class ShapedWeights(Sequence[str]):
     def __init__(self, parts: Sequence[str | LayerPrefixes]):
         self.parts: tuple[str | LayerPrefixes, ...] = tuple(part for part in parts if part)
 
-    @property
-    def count(self) -> int:
-        """How many prefixes (``len`` fails beyond ``sys.maxsize``; this never does)."""
-        return sum(1 if isinstance(part, str) else part.count for part in self.parts)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __bool__(self) -> bool:
-        return bool(self.parts)
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[str]: ...
-    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.count))]
-        if index < 0:
-            index += self.count
-        for part in self.parts:
-            size = 1 if isinstance(part, str) else part.count
-            if 0 <= index < size:
-                return part if isinstance(part, str) else part[index]
-            index -= size
-        raise IndexError("prefix index out of range")
-
-    def __iter__(self) -> Iterator[str]:
+    def _runs(self) -> Iterator[tuple[int, Callable[[int], str]]]:
         for part in self.parts:
             if isinstance(part, str):
-                yield part
+                yield 1, lambda _, part=part: part
             else:
-                yield from part
+                yield from part._runs()
 
     def __repr__(self) -> str:
         return f"ShapedWeights({list(self.parts)!r})"
