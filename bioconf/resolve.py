@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 from pydantic import ValidationError
 
 from bioconf.checkpoint.context import CheckpointConfig, read_checkpoint_config
+from bioconf.checkpoint.layout import METADATA_FILE, MODULE_PREFIX
 from bioconf.checkpoint.shapes import (
     SHAPE_PREFIXES,
     SHAPES_ONLY_WHEN,
@@ -30,6 +31,7 @@ from bioconf.checkpoint.shapes import (
     LayerPrefixes,
     shaped_weights,
 )
+from bioconf.checkpoint.weights_index import read_weights_metadata
 from bioconf.errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -40,10 +42,13 @@ from bioconf.errors import (
 )
 from bioconf.schema.derived import DERIVED, effective
 from bioconf.schema.display import fields_table
+from bioconf.schema.families import BIONEMO_FAMILIES, FAMILIES, padded_vocab_size
 from bioconf.schema.model import FIELD_GROUPS, MODEL_CLS_ALIASES, POLICIES, ModelConfig, Policy
 
-Source = Literal["user", "default", "checkpoint", "derived"]
-SOURCES: Final[tuple[Source, ...]] = ("user", "checkpoint", "derived", "default")  # in listing order
+Source = Literal["user", "default", "checkpoint", "checkpoint weights", "derived"]
+SOURCES: Final[tuple[Source, ...]] = ("user", "checkpoint", "checkpoint weights", "derived", "default")
+"""Where a value came from, in listing order. "checkpoint weights": a size no config holds, read from
+the shape of the checkpoint's weights (BioNeMo's configs hold no vocab_size: its tokenizer does)."""
 
 # ---- the result ---------------------------------------------------------------------------------------
 
@@ -65,6 +70,15 @@ class ResolvedConfig:
     """The values megatron will derive, for the fields whose source is "derived"."""
     notes: list[str]
 
+    @property
+    def saved_config_class(self) -> str | None:
+        """The config class a checkpoint saved from this merge names: the source checkpoint's when it
+        is BioNeMo's (not bioconf's, and the model one of BioNeMo's families), so that BioNeMo loads it
+        back without bioconf; None: bioconf's own class."""
+        if self.checkpoint.class_is_bioconf or self.config.model_cls not in BIONEMO_FAMILIES:
+            return None
+        return self.checkpoint.class_path
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the checkpoint, the policy, the keep-list, every field not left to its default
         (value and source), the checkpoint fields bioconf does not model, the notes, the fingerprint."""
@@ -75,6 +89,7 @@ class ResolvedConfig:
                 "path": str(self.checkpoint.path),
                 "class": self.checkpoint.class_path,
                 "class_is_bioconf": self.checkpoint.class_is_bioconf,
+                "bionemo_family": self.checkpoint.bionemo_family,
             },
             "policy": self.policy,
             "keep": list(self.keep),
@@ -84,6 +99,7 @@ class ResolvedConfig:
                 if source != "default"
             },
             "unknown_checkpoint_fields": self.checkpoint.unknown_fields,
+            "dropped_checkpoint_entries": self.checkpoint.dropped,
             "notes": list(self.notes),
             "fingerprint": self.config.fingerprint(),
         }
@@ -134,6 +150,9 @@ def merge(
             sources[name] = "user" if side is config else "checkpoint"
         else:
             sources[name] = "default"
+    if "vocab_size" not in data and (rows := vocab_rows_in_weights(checkpoint)) is not None:
+        data["vocab_size"] = rows
+        sources["vocab_size"] = "checkpoint weights"
     model_cls = data.get("model_cls")
     if sources["model_cls"] == "checkpoint" and model_cls not in MODEL_CLS_ALIASES:
         # Building would import it: only a class the user names is ever imported.
@@ -195,6 +214,7 @@ def resolve(
 _ORIGIN: Final[dict[str, str]] = {
     "user": "from this config",
     "checkpoint": "from the checkpoint",
+    "checkpoint weights": "from the checkpoint's weights",
     "default": "the default",
     "derived": "derived",
 }
@@ -224,7 +244,12 @@ def _precedence_notes(
 ) -> list[str]:
     """What surprises people: values this config sets that the merge drops, and unknown defaults."""
     notes = []
-    if not ckpt.class_is_bioconf:
+    if ckpt.dropped:
+        notes.append(
+            "entries of the checkpoint's own lists that bioconf cannot use were dropped: "
+            + "; ".join(f"{name}: {', '.join(map(repr, items))}" for name, items in ckpt.dropped.items())
+        )
+    if not ckpt.defaults_known:
         notes.append(
             f"the checkpoint's config class {ckpt.class_path} is not a bioconf class: the fields its "
             "io.json does not set take that class's own defaults at run time, which may differ from the "
@@ -254,15 +279,24 @@ def _check_shapes(
     for name in SHAPE_PREFIXES:
         if name in SHAPES_ONLY_WHEN and not SHAPES_ONLY_WHEN[name](merged):
             continue
-        if not ckpt.class_is_bioconf and name not in ckpt.config.model_fields_set:
+        if not ckpt.defaults_known and name not in ckpt.config.model_fields_set:
             if name in kept:
                 unknown.append(name)
             continue
         ours, theirs = effective(merged, name), effective(ckpt.config, name)
+        if name == "vocab_size":  # compare the rows the weights have, padding included
+            ours, theirs = _vocab_rows(merged), vocab_rows_in_weights(ckpt) or _vocab_rows(ckpt.config)
         if ours == theirs:
             continue
-        if name == "model_cls" and not (ours in MODEL_CLS_ALIASES and theirs in MODEL_CLS_ALIASES):
-            continue
+        if name == "model_cls":
+            if not (ours in FAMILIES and theirs in FAMILIES):
+                continue
+            if FAMILIES[ours].architecture == FAMILIES[theirs].architecture:
+                notes.append(
+                    f"model_cls: {ours!r} here, {theirs!r} in the checkpoint: fine, both build "
+                    f"megatron's {FAMILIES[ours].architecture} module tree (the same weights)"
+                )
+                continue
         if name in UNRECORDED_WHEN_NONE and None in (ours, theirs):
             notes.append(
                 f"{name}: {ours!r} here, {theirs!r} in the checkpoint: not checked (None is unknown)"
@@ -290,6 +324,29 @@ def _check_shapes(
     if issues:
         raise CheckpointMismatchError(issues)
     return notes
+
+
+def vocab_rows_in_weights(ckpt: CheckpointConfig) -> int | None:
+    """The rows of the checkpoint's word embedding (or output layer): its padded vocabulary; None
+    without a weight index or either weight."""
+    if not (ckpt.paths.weights / METADATA_FILE).is_file():
+        return None
+    tensors = {tensor.name: tensor for tensor in read_weights_metadata(ckpt.paths.root).tensors}
+    for key in _VOCAB_WEIGHTS:
+        if (tensor := tensors.get(MODULE_PREFIX + key)) is not None and tensor.shape:
+            return tensor.shape[0]
+    return None
+
+
+_VOCAB_WEIGHTS: Final = ("embedding.word_embeddings.weight", "output_layer.weight", "output_layer.bias")
+
+
+def _vocab_rows(config: ModelConfig) -> int | None:
+    if config.vocab_size is None:
+        return None
+    return padded_vocab_size(
+        config.vocab_size, config.make_vocab_size_divisible_by, config.tensor_model_parallel_size
+    )
 
 
 def _mismatch(

@@ -347,6 +347,7 @@ def test_to_dict(tmp_path):
         "path": str(ckpt / "context" / "io.json"),
         "class": "bioconf.runtime.config:GPTModelConfig",
         "class_is_bioconf": True,
+        "bionemo_family": None,
     }
     assert report["policy"] == "explicit" and report["keep"] == list(resolved.keep)
     assert report["fields"]["params_dtype"] == {"value": "bfloat16", "source": "user"}

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,9 +43,10 @@ from pydantic_core import PydanticCustomError
 from bioconf.checkpoint.layout import CONTEXT_DIR, IO_JSON, MODEL_YAML, CheckpointPaths, locate
 from bioconf.errors import CheckpointError, ConfigIssue, issues_from_validation, short_repr
 from bioconf.fs import fsync_path, read_bytes, refuse_existing, replace_directory, write_synced
+from bioconf.schema.families import FAMILY_OF_BIONEMO_CLASS, NOT_IN_BIONEMO_CONFIGS
 from bioconf.schema.files import loads_json
 from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS
-from bioconf.schema.model import ModelConfig
+from bioconf.schema.model import BIONEMO_ONLY_FIELDS, ModelConfig
 from bioconf.schema.names import ACTIVATIONS, activation_from_import, canonical_dtype
 
 # ---- names the checkpoint form uses ---------------------------------------------------------------
@@ -55,14 +56,25 @@ from bioconf.schema.names import ACTIVATIONS, activation_from_import, canonical_
 RUNTIME_CONFIG_CLASSES: Final[dict[str, tuple[str, str]]] = {
     "gpt": ("bioconf.runtime.config", "GPTModelConfig"),
     "bert": ("bioconf.runtime.config", "BertModelConfig"),
+    "esm2": ("bioconf.runtime.config", "ESM2ModelConfig"),
+    "geneformer": ("bioconf.runtime.config", "GeneformerModelConfig"),
+    "biobert": ("bioconf.runtime.config", "BiobertModelConfig"),
     "custom": ("bioconf.runtime.config", "CustomModelConfig"),
 }
 
-# The megatron model class behind each model_cls alias.
+# The model class behind each model_cls alias.
 MODEL_CLASSES: Final[dict[str, tuple[str, str]]] = {
     "gpt": ("megatron.core.models.gpt.gpt_model", "GPTModel"),
     "bert": ("megatron.core.models.bert.bert_model", "BertModel"),
+    "esm2": ("bioconf.runtime.models", "ESM2Model"),
+    "geneformer": ("megatron.core.models.bert.bert_model", "BertModel"),
+    "biobert": ("megatron.core.models.bert.bert_model", "BertModel"),
 }
+
+# BioNeMo's model classes, read as the family of the config class that names them.
+_BIONEMO_MODEL_CLASSES: Final[frozenset[str]] = frozenset(
+    {"bionemo.esm2.model.model:ESM2Model", "bionemo.llm.model.biobert.model:MegatronBioBertModel"}
+)
 
 MODEL_CONFIG_PATH: Final[str] = "<root>.model.config"
 """The fiddle path of the model config in a ``TrainerContext``."""
@@ -115,8 +127,22 @@ class CheckpointConfig:
     """Fields ModelConfig does not know (NO_JSON_FORM ones included), as data: pyrefs as
     ``"module:name"``, fiddle configs as ``{"_target_": "module:name", **arguments}``."""
     class_is_bioconf: bool
-    """True when ``class_path`` is a bioconf runtime class, whose defaults are ModelConfig's. False
-    means the values the file leaves to the class's own defaults are unknown without importing it."""
+    """True when ``class_path`` is a bioconf runtime class, whose defaults are ModelConfig's."""
+    dropped: dict[str, list[Any]] = field(default_factory=dict)
+    """Entries of the checkpoint's own lists that bioconf cannot use, dropped and reported rather
+    than fatal (checkpoint data is read leniently, user input strictly): names in
+    ``override_parent_fields`` that are not fields here, skip prefixes that are not key prefixes."""
+
+    @property
+    def defaults_known(self) -> bool:
+        """Whether the values the file leaves to its class's defaults are known without importing the
+        class: a bioconf class, or a BioNeMo class whose family holds its defaults."""
+        return self.class_is_bioconf or self.class_path in FAMILY_OF_BIONEMO_CLASS
+
+    @property
+    def bionemo_family(self) -> str | None:
+        """The family of a checkpoint written by BioNeMo's own config class, else None."""
+        return FAMILY_OF_BIONEMO_CLASS.get(self.class_path)
 
 
 @dataclass(frozen=True)
@@ -362,20 +388,31 @@ def _known_value(name: str, value: Any, class_path: str) -> Any:
 
 
 def _model_cls_name(value: Any, class_path: str) -> Any:
-    """megatron's GPTModel/BertModel by alias, except in bioconf's CustomModelConfig (which always
-    holds an import path); a class the runtime class leaves to its family default (None) too."""
+    """A family's model class by the family's alias (the config class decides between families that
+    build the same class), except in bioconf's CustomModelConfig (which always holds an import path);
+    a class the runtime class leaves to its family default (None) too."""
     custom = class_path == _class_path(RUNTIME_CONFIG_CLASSES["custom"])
     if isinstance(value, _Pyref):
-        if not custom:
-            for alias, target in MODEL_CLASSES.items():
-                if (value.module, value.name) == target:
-                    return alias
+        if custom:
+            return value.path
+        own = _family_of_class(class_path)
+        if own and (value.path in _BIONEMO_MODEL_CLASSES or _class_path(MODEL_CLASSES[own]) == value.path):
+            return own
+        for alias, target in MODEL_CLASSES.items():
+            if (value.module, value.name) == target:
+                return alias
         return value.path
     if value is None:
-        for alias in MODEL_CLASSES:
-            if class_path == _class_path(RUNTIME_CONFIG_CLASSES[alias]):
-                return alias
+        return _family_of_class(class_path) or None
     return _as_data(value)
+
+
+def _family_of_class(class_path: str) -> str | None:
+    """The family a config class builds: bioconf's runtime classes and BioNeMo's known ones."""
+    for alias in MODEL_CLASSES:
+        if class_path == _class_path(RUNTIME_CONFIG_CLASSES[alias]):
+            return alias
+    return FAMILY_OF_BIONEMO_CLASS.get(class_path)
 
 
 def _parse(raw: bytes, source: str) -> Any:
@@ -462,6 +499,9 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
             known[name] = _known_value(name, value, class_path)
         else:
             unknown[_key_text(name)] = _as_data(value)
+    if "model_cls" not in known and class_path in FAMILY_OF_BIONEMO_CLASS:
+        known["model_cls"] = FAMILY_OF_BIONEMO_CLASS[class_path]  # BioNeMo's class default
+    dropped = _drop_unusable_entries(known)
     try:
         config = ModelConfig.model_validate(known)
     except ValidationError as error:
@@ -473,7 +513,34 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
         config=config,
         unknown_fields=unknown,
         class_is_bioconf=class_path in _runtime_class_paths(),
+        dropped=dropped,
     )
+
+
+_SKIP_PREFIX: Final = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.?")
+
+
+def _drop_unusable_entries(known: dict[str, Any]) -> dict[str, list[Any]]:
+    """Take out of the checkpoint's keep list the names bioconf does not model (BioNeMo's lists name
+    its own fields), and out of its skip list what is no key prefix, duplicates included; return
+    them. The lists stay lists: a value of another type is ModelConfig's to reject."""
+    checks = {
+        "override_parent_fields": lambda item: item in _KNOWN_FIELDS or item in BIONEMO_ONLY_FIELDS,
+        "initial_ckpt_skip_keys_with_these_prefixes": lambda item: bool(_SKIP_PREFIX.fullmatch(item)),
+    }
+    dropped: dict[str, list[Any]] = {}
+    for name, usable in checks.items():
+        items = known.get(name)
+        if not isinstance(items, list):
+            continue
+        kept: list[Any] = []
+        for item in items:
+            if isinstance(item, str) and usable(item) and item not in kept:
+                kept.append(item)
+            else:
+                dropped.setdefault(name, []).append(_as_data(item))
+        known[name] = kept
+    return dropped
 
 
 def _malformed(error: Exception, loc: tuple[str, ...], source: str) -> CheckpointError:
@@ -577,13 +644,20 @@ def _runtime_target(model_cls: str) -> tuple[tuple[str, str], tuple[str, str]]:
     return RUNTIME_CONFIG_CLASSES["custom"], (module, name)
 
 
-def checkpoint_context_document(config: ModelConfig) -> dict[str, Any]:
+def checkpoint_context_document(config: ModelConfig, config_class: str | None = None) -> dict[str, Any]:
     """The ``io.json`` document of ``config``: a TrainerContext whose ``model.config`` is a fiddle
-    Config of the bioconf runtime class for ``config.model_cls`` (RUNTIME_CONFIG_CLASSES)."""
+    Config of the bioconf runtime class for ``config.model_cls`` (RUNTIME_CONFIG_CLASSES), or of
+    ``config_class`` ("module:Class", a BioNeMo config class): then without the fields BioNeMo's
+    classes do not have (``NOT_IN_BIONEMO_CONFIGS``), so BioNeMo loads it without bioconf."""
     writer = _Writer()
-    config_class, model_class = _runtime_target(config.model_cls)
+    target, model_class = _runtime_target(config.model_cls)
+    names = _written_fields(config)
+    if config_class is not None:
+        module, _, name = config_class.partition(":")
+        target = (module, name)
+        names = [name for name in names if name not in NOT_IN_BIONEMO_CONFIGS]
     arguments: list[tuple[str, Any]] = []
-    for name in _written_fields(config):
+    for name in names:
         value = getattr(config, name)
         path = f"{MODEL_CONFIG_PATH}.{name}"
         if name == "model_cls":
@@ -598,7 +672,7 @@ def checkpoint_context_document(config: ModelConfig) -> dict[str, Any]:
         else:
             node = writer.value(value, path)
         arguments.append((name, node))
-    model_config = writer.config(config_class, arguments, MODEL_CONFIG_PATH)
+    model_config = writer.config(target, arguments, MODEL_CONFIG_PATH)
     model = writer.config(_MODEL_HOLDER, [("config", model_config)], "<root>.model")
     trainer = writer.config(_TRAINER, [], "<root>.trainer")
     extra = writer.empty_dict()
@@ -627,10 +701,15 @@ def _model_yaml(config: ModelConfig, class_path: str) -> bytes:
 
 
 def write_checkpoint_context(
-    config: ModelConfig, ckpt_dir: str | os.PathLike[str], *, overwrite: bool = False
+    config: ModelConfig,
+    ckpt_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    config_class: str | None = None,
 ) -> Path:
     """Write ``<ckpt_dir>/context/`` (``io.json`` for NeMo's ``load_context`` plus a readable
-    ``model.yaml``) and return the io.json path.
+    ``model.yaml``) and return the io.json path. ``config_class``: name that class instead of
+    bioconf's (``checkpoint_context_document``).
 
     The folder is built whole in a temporary folder beside it and renamed into place, so no
     reader ever sees a half-written context. An existing ``context/`` is an error unless
@@ -641,10 +720,10 @@ def write_checkpoint_context(
     ckpt = Path(ckpt_dir)
     context = ckpt / CONTEXT_DIR
     refuse_existing(context, overwrite)
-    document = checkpoint_context_document(config)
+    document = checkpoint_context_document(config, config_class)
     # json.dumps as fiddle does (NaN / Infinity spelled as Python's json module spells them).
     io_json = json.dumps(document).encode()
-    class_path = _class_path(_runtime_target(config.model_cls)[0])
+    class_path = config_class or _class_path(_runtime_target(config.model_cls)[0])
     ckpt.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".context.", suffix=".tmp", dir=ckpt))
     try:

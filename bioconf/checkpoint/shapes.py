@@ -17,6 +17,7 @@ from typing import Any, Final, overload
 
 from bioconf.checkpoint.layout import MODULE_PREFIX
 from bioconf.schema.derived import effective
+from bioconf.schema.families import FAMILIES
 from bioconf.schema.model import MODEL_CLS_ALIASES, ModelConfig
 
 # Placeholders: "*" is every weight of the model; "{block}" is its transformer
@@ -28,7 +29,7 @@ from bioconf.schema.model import MODEL_CLS_ALIASES, ModelConfig
 # moe_grouped_gemm (module layouts whose sharded state dicts name the same checkpoint tensors), rotary
 # settings (no weights), and what changes computation only (dropout, epsilon, activation, fusions, ...).
 SHAPE_PREFIXES: Final[dict[str, tuple[str, ...]]] = {
-    "model_cls": ("*",),  # gpt against bert; a user class is compared with nothing
+    "model_cls": ("*",),  # gpt against a BERT family; a user class is compared with nothing
     "hidden_size": ("*",),
     "num_layers": ("{block}.layers.",),
     "normalization": ("{layer}", "{block}.final_layernorm.", "lm_head."),  # LayerNorm has a bias
@@ -65,6 +66,8 @@ SHAPE_PREFIXES: Final[dict[str, tuple[str, ...]]] = {
     "moe_latent_size": ("{layer}mlp.",),
     # embeddings and heads
     "vocab_size": ("embedding.word_embeddings.", "output_layer."),
+    "make_vocab_size_divisible_by": ("embedding.word_embeddings.", "output_layer."),
+    "biobert_spec_option": ("{layer}self_attention.",),  # "..._qk_ln" options add q/k layernorms
     "seq_length": ("embedding.position_embeddings.",),
     "position_embedding_type": ("embedding.position_embeddings.",),
     "num_tokentypes": ("embedding.tokentype_embeddings.",),
@@ -301,7 +304,7 @@ def shaped_weights(config: ModelConfig, name: str) -> ShapedWeights | None:
     """The key prefixes of the weights field ``name`` shapes in the model ``config`` builds (empty when
     it builds none of them); None when bioconf cannot tell (a user model class). Per-layer prefixes
     stay patterns: nothing here grows with ``num_layers``."""
-    family = config.model_cls
+    family = FAMILIES[config.model_cls].architecture if config.model_cls in FAMILIES else None
     if family not in _MODULES:
         return None
     present = [module for module, exists in _MODULES[family].items() if exists(config)]

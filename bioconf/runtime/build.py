@@ -11,6 +11,7 @@ where ``config`` carries ``vocab_size``, ``seq_length`` and the other fields the
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from typing import Any
@@ -23,6 +24,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from bioconf.errors import ConfigError, ConfigIssue
+from bioconf.runtime.models import QueryScaling
+from bioconf.schema.families import padded_vocab_size
 
 
 def transformer_engine_available() -> bool:
@@ -146,12 +149,43 @@ def gpt_layer_spec(config: Any) -> ModuleSpec:
     return gpt_layer_specs.get_gpt_layer_local_spec(**options, normalization=config.normalization)
 
 
-def bert_layer_spec() -> ModuleSpec:
+def bert_layer_spec(config: Any) -> ModuleSpec:
+    """megatron's BERT layer (TE or local), with what ``biobert_spec_option`` adds as BioNeMo does:
+    ESM's query scaling (``esm2_...``), or layernorms on query and key (``..._qk_ln`` options, when
+    ``qk_layernorm``)."""
     from megatron.core.models.bert import bert_layer_specs
 
     if transformer_engine_available():
-        return bert_layer_specs.get_bert_layer_with_transformer_engine_spec()
-    return bert_layer_specs.bert_layer_local_spec
+        spec = bert_layer_specs.get_bert_layer_with_transformer_engine_spec()
+    else:
+        spec = bert_layer_specs.bert_layer_local_spec
+    option = config.biobert_spec_option
+    if option.startswith("esm2_"):
+        query, key = QueryScaling, None
+    elif "qk_ln" in option and config.qk_layernorm:
+        query = key = _te_norm() if transformer_engine_available() else spec.submodules.input_layernorm
+    else:
+        return spec
+    spec = copy.deepcopy(spec)
+    attention = spec.submodules.self_attention.submodules
+    attention.q_layernorm = query
+    if key is not None:
+        attention.k_layernorm = key
+    return spec
+
+
+def _te_norm() -> Any:
+    from megatron.core.extensions.transformer_engine import TENorm
+
+    return TENorm
+
+
+def vocab_rows(config: Any) -> int:
+    """The rows of the embedding and output layers: ``vocab_size`` padded as NeMo pads it
+    (``bioconf.schema.families.padded_vocab_size``)."""
+    return padded_vocab_size(
+        config.vocab_size, config.make_vocab_size_divisible_by, config.tensor_model_parallel_size
+    )
 
 
 def build_model(config: Any, vp_stage: int | None = None) -> MegatronModule:
@@ -163,11 +197,11 @@ def build_model(config: Any, vp_stage: int | None = None) -> MegatronModule:
     is_bert = isinstance(model_cls, type) and issubclass(model_cls, BertModel)
     if not (is_gpt or is_bert):
         return model_cls(config=config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
-    vocab_size, seq_length = _require_shapes(config)
+    _, seq_length = _require_shapes(config)
     _require_memory(config)
     common = {
         "config": config,
-        "vocab_size": vocab_size,
+        "vocab_size": vocab_rows(config),
         "max_sequence_length": seq_length,
         "pre_process": pre_process,
         "post_process": post_process,
@@ -182,9 +216,12 @@ def build_model(config: Any, vp_stage: int | None = None) -> MegatronModule:
         )
     return model_cls(
         **common,
-        transformer_layer_spec=bert_layer_spec(),
+        transformer_layer_spec=bert_layer_spec(config),
         num_tokentypes=config.num_tokentypes,
         add_binary_head=config.add_binary_head,
+        seq_len_interpolation_factor=config.seq_len_interpolation_factor,
+        fp16_lm_cross_entropy=config.fp16_lm_cross_entropy,
+        parallel_output=config.parallel_output,
     )
 
 

@@ -10,6 +10,7 @@ field has a default: a subclass is built from ``num_layers``, ``hidden_size`` an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,9 +23,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from bioconf.errors import ConfigError, ConfigIssue
 from bioconf.runtime.build import build_model
 from bioconf.runtime.hparams import IOMixinWithGettersSetters, WillHaveGetSetHparam
+from bioconf.runtime.models import ESM2Model
 from bioconf.runtime.settings import SettingsReport, load_settings
-from bioconf.runtime.values import import_object, to_megatron_kwargs, to_schema_values
+from bioconf.runtime.values import import_object, to_megatron_kwargs, to_megatron_value, to_schema_values
 from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.schema.families import FAMILIES
 from bioconf.schema.model import MODEL_CLS_ALIASES, OVERRIDE_BIONEMO_CONFIG_DEFAULTS, ModelConfig
 
 
@@ -50,6 +53,24 @@ class MegatronBioNeMoModelConfig(TransformerConfig, WillHaveGetSetHparam):
     """BERT only: number of token types (segment embeddings); 0 disables them."""
     add_binary_head: bool = True
     """BERT only: add the next-sentence-prediction (binary) head."""
+    make_vocab_size_divisible_by: int | None = None
+    """Pad the embedding rows to a multiple of this times the tensor-parallel size (None: no padding)."""
+    # BioNeMo's fields (bioconf.schema.model documents each; bioconf.schema.families says which
+    # families have them). The output switches are recorded for BioNeMo and not used by bioconf.
+    biobert_spec_option: str = "bert_layer_with_transformer_engine_spec"
+    token_dropout: bool = False
+    use_attention_mask: bool = False
+    mask_token_id: int | None = None
+    use_esm_attention: bool = False
+    seq_len_interpolation_factor: float | None = None
+    fp16_lm_cross_entropy: bool = False
+    parallel_output: bool = True
+    return_embeddings: bool = False
+    include_embeddings: bool = False
+    return_only_hidden_states: bool = False
+    include_hiddens: bool = False
+    include_input_ids: bool = False
+    skip_logits: bool = False
 
 
 @dataclass
@@ -150,9 +171,31 @@ class CustomModelConfig(MegatronBioNeMoTrainableModelConfig, IOMixinWithGettersS
     """Builds a user model class named by ``model_cls``."""
 
 
+def _family_config(alias: str, model_class: type, doc: str) -> type[BertModelConfig]:
+    """A BertModelConfig whose defaults are the family's (``bioconf.schema.families``, the one table
+    of them), so that ``ESM2ModelConfig(num_layers=6)`` is what BioNeMo's ``ESM2Config(num_layers=6)`` is."""
+    types = {f.name: f.type for f in dataclasses.fields(BertModelConfig)}
+    fields = [("model_cls", "type | None", field(default=model_class))]
+    fields += [
+        (name, types[name], field(default=to_megatron_value(name, value)))
+        for name, value in FAMILIES[alias].defaults.items()
+    ]
+    name = f"{alias.capitalize() if alias != 'esm2' else 'ESM2'}ModelConfig"
+    return dataclasses.make_dataclass(
+        name, fields, bases=(BertModelConfig,), namespace={"__module__": __name__, "__doc__": doc}
+    )
+
+
+ESM2ModelConfig = _family_config("esm2", ESM2Model, "BioNeMo's ESM2Config, built with bioconf's ESM2Model.")
+GeneformerModelConfig = _family_config("geneformer", BertModel, "BioNeMo's GeneformerConfig.")
+BiobertModelConfig = _family_config("biobert", BertModel, "BioNeMo's BioBertConfig.")
+
 _RUNTIME_CLASSES: dict[str, type[MegatronBioNeMoTrainableModelConfig]] = {
     "gpt": GPTModelConfig,
     "bert": BertModelConfig,
+    "esm2": ESM2ModelConfig,
+    "geneformer": GeneformerModelConfig,
+    "biobert": BiobertModelConfig,
     "custom": CustomModelConfig,
 }
 """The runtime config class for each kind of ``model_cls`` (``bioconf.checkpoint.context`` writes

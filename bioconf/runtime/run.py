@@ -118,7 +118,10 @@ def run(
             )
         # The loaded model on one small synthetic batch, before any save (every rank takes part).
         forward = forward_checksum(models) if check_forward else None
-        saved = save_checkpoint(models, runtime, save) if save is not None else None
+        saved = None
+        if save is not None:
+            config_class = resolved.saved_config_class if resolved is not None else None
+            saved = save_checkpoint(models, runtime, save, config_class=config_class)
         rank, world_size = dist.get_rank(), dist.get_world_size()
     seconds = time.perf_counter() - start
     return RunReport(config, resolved, models, weights, saved, seconds, rank, world_size, forward)

@@ -96,6 +96,7 @@ def save_checkpoint(
     out_dir: str | os.PathLike[str],
     *,
     overwrite: bool = False,
+    config_class: str | None = None,
 ) -> Path:
     """Write ``model`` (a Megatron model, or its list of virtual pipeline chunks) and ``config`` (a
     ModelConfig, or a runtime config: its ``to_schema()``) as a NeMo 2 checkpoint at ``out_dir``;
@@ -104,7 +105,8 @@ def save_checkpoint(
     Everything is written under a hidden temporary sibling of ``out_dir`` and renamed into place by
     rank 0 once all ranks have written their shards, so ``out_dir`` never holds half a checkpoint (a
     killed process may leave the hidden sibling behind). An existing ``out_dir`` is an error
-    (OutputExistsError) unless ``overwrite``.
+    (OutputExistsError) unless ``overwrite``. ``config_class``: the config class io.json names when
+    not bioconf's (``ResolvedConfig.saved_config_class``: BioNeMo's, so BioNeMo reads it back).
     """
     target = Path(out_dir).absolute()
     schema_config = config if isinstance(config, ModelConfig) else config.to_schema()
@@ -123,7 +125,7 @@ def save_checkpoint(
             raise problem
         try:
             if dist.get_rank() == 0:
-                write_checkpoint_context(schema_config, staging)
+                write_checkpoint_context(schema_config, staging, config_class=config_class)
             dist_checkpointing.save(
                 nemo_sharded_state_dict(model),
                 str(staging / WEIGHTS_DIR),

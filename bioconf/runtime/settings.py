@@ -85,7 +85,7 @@ def load_settings(
         unknown=dict(checkpoint.unknown_fields),
         kept=tuple(name for name in target_fields if name in keep),
         not_carried=tuple(name for name in target_fields if name not in carried),
-        class_defaults_unknown=not checkpoint.class_is_bioconf,
+        class_defaults_unknown=not checkpoint.defaults_known,
     )
 
 

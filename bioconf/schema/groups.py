@@ -11,6 +11,7 @@ GROUPS: Final[dict[str, str]] = {
     "precision": "Precision",
     "fusions": "Fusions and kernels",
     "moe": "Mixture of experts",
+    "outputs": "Model outputs (BioNeMo)",
     "checkpoint": "Starting checkpoint",
     "other": "Other",
 }

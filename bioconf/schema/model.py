@@ -33,21 +33,34 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from bioconf.errors import ConfigError, OverrideError, issues_from_validation, short_repr
 from bioconf.schema import rules
 from bioconf.schema.display import fields_table
+from bioconf.schema.families import BIONEMO_FIELDS, FAMILIES
 from bioconf.schema.megatron_fields import MegatronFields
 from bioconf.schema.overrides import merge_overrides
 
 # Aliases for the model families bioconf builds itself; anything else is "package.module:Class".
-MODEL_CLS_ALIASES: Final[tuple[str, ...]] = ("gpt", "bert")
+MODEL_CLS_ALIASES: Final[tuple[str, ...]] = tuple(FAMILIES)
 _IMPORT_PATH = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
-ModelClass = Annotated[str, StringConstraints(pattern=rf"^(gpt|bert|{_IMPORT_PATH})$")]
-"""``"gpt"``, ``"bert"`` or an import path ``"package.module:Class"`` (resolved only by the runtime)."""
+ModelClass = Annotated[str, StringConstraints(pattern=rf"^({'|'.join(MODEL_CLS_ALIASES)}|{_IMPORT_PATH})$")]
+"""A family (``"gpt"``, ``"bert"``, ``"esm2"``, ...) or an import path ``"package.module:Class"``
+(resolved only by the runtime)."""
 
 SkipPrefix = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.?$")]
 """A state-dict key prefix such as ``"head."`` or ``"encoder.layers.11"``."""
 
-# Fields that NeMo/BioNeMo model configs define but bioconf does not model. They may be named
-# in override_parent_fields (the BioNeMo default list names the metric fields).
-BIONEMO_ONLY_FIELDS: Final[frozenset[str]] = frozenset({"train_metric", "valid_metric"})
+# Fields that NeMo/BioNeMo model configs define but that have no JSON form (objects, classes,
+# callables): a checkpoint's are read as names and reported, never imported. They may be named in
+# override_parent_fields (the BioNeMo default list names the metric fields).
+BIONEMO_ONLY_FIELDS: Final[frozenset[str]] = frozenset(
+    {
+        "train_metric",
+        "valid_metric",
+        "loss_reduction_class",
+        "optimizer_fn",
+        "core_attention_override",
+        "nemo1_ckpt_path",
+        "get_attention_mask_from_fusion",
+    }
+)
 
 # The seed's keep-list, plus what a fine-tune legitimately changes: parallel layout and precision.
 OVERRIDE_BIONEMO_CONFIG_DEFAULTS: Final[tuple[str, ...]] = (
@@ -96,9 +109,14 @@ class ModelConfig(MegatronFields, BaseModel):
 
     model_cls: ModelClass = Field(
         default="gpt",
-        description="The model to build: 'gpt' or 'bert' (megatron-core's models), or an import path "
+        description="The model to build: a family ('gpt' or 'bert': megatron-core's models; 'esm2', "
+        "'geneformer' or 'biobert': BioNeMo's, with their defaults), or an import path "
         "'package.module:Class' of a user model class, imported only by the runtime.",
-        json_schema_extra={"x-group": "architecture", "x-level": "basic"},
+        json_schema_extra={
+            "x-group": "architecture",
+            "x-level": "basic",
+            "x-family-defaults": {name: dict(f.defaults) for name, f in FAMILIES.items()},
+        },
     )
     vocab_size: Annotated[int, Field(ge=1)] | None = Field(
         default=None,
@@ -143,6 +161,98 @@ class ModelConfig(MegatronFields, BaseModel):
         default=True,
         description="BERT only: add the next-sentence-prediction (binary) head.",
         json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    make_vocab_size_divisible_by: Annotated[int, Field(ge=1)] | None = Field(
+        default=None,
+        description="Pad the embedding and output layers to a multiple of this times the tensor-"
+        "parallel size, as NeMo and BioNeMo do (a size already a multiple of both is kept); None: "
+        "vocab_size rows exactly.",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    biobert_spec_option: Literal[
+        "bert_layer_local_spec",
+        "bert_layer_local_spec_with_qk_ln",
+        "bert_layer_with_transformer_engine_spec",
+        "bert_layer_with_transformer_engine_and_qk_ln_spec",
+        "esm2_bert_layer_local_spec",
+        "esm2_bert_layer_with_transformer_engine_spec",
+    ] = Field(
+        default="bert_layer_with_transformer_engine_spec",
+        description="BioNeMo families: the layer spec BioNeMo names. bioconf builds the Transformer "
+        "Engine spec where TE is importable and the matching local spec otherwise (both read and "
+        "write the same checkpoint keys); the esm2 options add ESM's query scaling.",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    token_dropout: bool = Field(
+        default=False,
+        description="esm2: zero the embeddings of mask tokens and rescale the rest by the share of "
+        "masked tokens seen in training (ESM-2's token dropout).",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    use_attention_mask: bool = Field(
+        default=False,
+        description="esm2: zero the embeddings of padding positions (where the attention mask is 0).",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    mask_token_id: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="esm2: the id of the mask token that token dropout looks for (32 in ESM-2's "
+        "vocabulary; BioNeMo takes it from its tokenizer).",
+        json_schema_extra={"x-group": "architecture", "x-level": "advanced"},
+    )
+    use_esm_attention: bool = Field(
+        default=False,
+        description="esm2: BioNeMo's ESM-specific attention kernel. Recorded only: bioconf builds "
+        "megatron's attention with ESM's query scaling, which computes the same.",
+        json_schema_extra={"x-group": "attention", "x-level": "advanced"},
+    )
+    seq_len_interpolation_factor: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="BioNeMo families: divide rotary positions by this factor (longer sequences than "
+        "trained on).",
+        json_schema_extra={"x-group": "attention", "x-level": "advanced"},
+    )
+    fp16_lm_cross_entropy: bool = Field(
+        default=False,
+        description="BioNeMo families: compute the LM loss's cross entropy in fp16.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    parallel_output: bool = Field(
+        default=True,
+        description="BioNeMo families: keep the logits split across tensor-parallel ranks.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    return_embeddings: bool = Field(
+        default=False,
+        description="BioNeMo families: the model returns mean-pooled sequence embeddings instead of "
+        "logits. Recorded for BioNeMo; bioconf's forward check reads logits.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    include_embeddings: bool = Field(
+        default=False,
+        description="BioNeMo families: add the mean-pooled embeddings to the output. Recorded for BioNeMo.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    return_only_hidden_states: bool = Field(
+        default=False,
+        description="BioNeMo families: return the final hidden states (after the last layernorm), no "
+        "logits. Recorded for BioNeMo.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    include_hiddens: bool = Field(
+        default=False,
+        description="BioNeMo families: add the hidden states to the output. Recorded for BioNeMo.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    include_input_ids: bool = Field(
+        default=False,
+        description="BioNeMo families: add the input ids to the output. Recorded for BioNeMo.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
+    )
+    skip_logits: bool = Field(
+        default=False,
+        description="BioNeMo families: skip the output layer (no token logits). Recorded for BioNeMo.",
+        json_schema_extra={"x-group": "outputs", "x-level": "advanced"},
     )
     initial_ckpt_path: str | None = Field(
         default=None,
@@ -202,11 +312,39 @@ class ModelConfig(MegatronFields, BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _check(cls, data: Any, handler: Any) -> "ModelConfig":
-        """Field validation, then megatron's cross-field rules; errors carry field locations."""
+        """The family's defaults, field validation, the family's own fields, then megatron's
+        cross-field rules; errors carry field locations."""
+        family = FAMILIES.get(data.get("model_cls")) if isinstance(data, dict) else None
+        defaults = {n: v for n, v in family.defaults.items() if n not in data} if family else {}
         try:
-            config = handler(data)
+            config = handler({**defaults, **data} if defaults else data)
         except ValidationError as error:
             raise _with_suggestions(error, cls) from None
+        if defaults:  # a family default is a default: not set (what a user wrote, what io.json records)
+            object.__setattr__(config, "__pydantic_fields_set__", config.model_fields_set - defaults.keys())
+        misplaced = [
+            name
+            for name in sorted(config.model_fields_set & BIONEMO_FIELDS.keys())
+            if config.model_cls in FAMILIES
+            and config.model_cls not in BIONEMO_FIELDS[name]
+            and getattr(config, name) != cls.model_fields[name].default  # a full dump holds them all
+        ]
+        if misplaced:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(
+                            "not_a_family_field",
+                            f"a field of the {', '.join(BIONEMO_FIELDS[name])} model families only; "
+                            f"model_cls is {config.model_cls!r}",
+                        ),
+                        loc=(name,),
+                        input=getattr(config, name),
+                    )
+                    for name in misplaced
+                ],
+            )
         beyond = [name for name in config.model_fields_set if not _json_int_safe(getattr(config, name))]
         if beyond:
             raise ValidationError.from_exception_data(
