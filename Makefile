@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 # Reinstall only when the package metadata or the pins change.
 STAMP := $(VENV)/.installed
 
-.PHONY: install test fuzz lint demo bench schema-table clean
+.PHONY: install test fuzz lint demo bench schema-table clean bionemo-env
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,27 @@ bench: $(STAMP)
 # Regenerate bioconf/schema/megatron_fields.py from the installed megatron-core.
 schema-table: $(STAMP)
 	$(PY) tools/generate_fields.py
+
+# A SEPARATE virtualenv with NVIDIA BioNeMo's own code for tests/bionemo_env/ (reference checkpoints
+# written by BioNeMo; BioNeMo reading back what bioconf writes). bioconf is NOT installed there.
+# bionemo-llm/-core 2.4.5 come from the package index, every package pinned by constraints/bionemo.txt
+# (same torch/megatron-core/fiddle/nemo-toolkit as cpu.txt; why not cpu.txt itself: see that file).
+# The ESM-2 and Geneformer sub-packages are not on the index: --no-deps from $(BIONEMO_SOURCES).
+# CPU only: Transformer Engine and apex need CUDA; tests/bionemo_env/bionemo_runtime.py explains the
+# in-process stand-ins the scripts use instead (nothing of them is installed into the venv).
+BIONEMO_VENV ?= .venv-bionemo
+BIONEMO_SOURCES ?= ../shared/bionemo
+BIONEMO_STAMP := $(BIONEMO_VENV)/.installed
+BIONEMO_SUBPACKAGES := $(BIONEMO_SOURCES)/bionemo-esm2 $(BIONEMO_SOURCES)/bionemo-geneformer
+
+$(BIONEMO_STAMP): constraints/bionemo.txt $(addsuffix /pyproject.toml,$(BIONEMO_SUBPACKAGES))
+	test -x $(BIONEMO_VENV)/bin/python || $(PYTHON) -m venv $(BIONEMO_VENV)
+	$(BIONEMO_VENV)/bin/python -m pip install --quiet -c constraints/bionemo.txt \
+		torch==2.13.0 "nemo-toolkit[nlp]==2.7.3" megatron-core==0.16.1 bionemo-llm==2.4.5 bionemo-core==2.4.5
+	$(BIONEMO_VENV)/bin/python -m pip install --quiet --no-deps $(BIONEMO_SUBPACKAGES)
+	touch $@
+
+bionemo-env: $(BIONEMO_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -44,7 +44,9 @@ class ESM2Model(BertModel):
             if self.embedding.add_position_embedding:
                 self.embedding.register_forward_hook(self._zero_padding_after_positions)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> Any:
         self._attention_mask = attention_mask
         try:
             return super().forward(input_ids, attention_mask, *args, **kwargs)
