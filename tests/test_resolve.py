@@ -18,8 +18,9 @@ from typing import Any
 import orjson
 import pytest
 from conftest import ROOT, run_cli
+from pydantic import ValidationError
 
-from bioconf.checkpoint.context import write_checkpoint_context
+from bioconf.checkpoint.context import read_checkpoint_config, write_checkpoint_context
 from bioconf.checkpoint.shapes import SHAPE_PREFIXES, shaped_weights
 from bioconf.errors import (
     CheckpointError,
@@ -564,3 +565,43 @@ def test_cli_exit_codes(tmp_path):
     assert no_checkpoint.returncode == 2
     assert "no checkpoint to start from" in no_checkpoint.stderr.decode()
     assert run_cli("resolve", str(config), "--policy", "newest").returncode == 2
+
+
+# ---- checkpoint data leniently, user input strictly ----------------------------------------------------
+
+
+def test_a_checkpoints_own_lists_are_read_leniently(tmp_path):
+    ckpt = _checkpoint(tmp_path)
+    keep = ["model_cls", "return_only_hidden_states", "bionemo_future_field", "model_cls"]
+    skips = ["head.", "no prefix!"]
+    lists = {"override_parent_fields": keep, "initial_ckpt_skip_keys_with_these_prefixes": skips}
+    _edit_checkpoint(ckpt, add=lists)
+    checkpoint = read_checkpoint_config(ckpt)
+    assert checkpoint.config.override_parent_fields == ["model_cls", "return_only_hidden_states"]
+    assert checkpoint.config.initial_ckpt_skip_keys_with_these_prefixes == ["head."]
+    assert checkpoint.dropped == {
+        "override_parent_fields": ["bionemo_future_field", "model_cls"],
+        "initial_ckpt_skip_keys_with_these_prefixes": ["no prefix!"],
+    }
+    resolved = resolve(_config(**BASE), ckpt)
+    assert resolved.to_dict()["dropped_checkpoint_entries"] == checkpoint.dropped
+    assert any("bionemo_future_field" in note for note in resolved.notes)
+    with pytest.raises(ValidationError, match="bionemo_future_field"):  # the same from a user: an error
+        _config(**BASE, override_parent_fields=["bionemo_future_field"])
+
+
+def test_a_family_and_a_bert_checkpoint_share_their_weights(tmp_path):
+    ckpt = _checkpoint(tmp_path, model_cls="bert", add_binary_head=False)
+    unpadded = {**BASE, "model_cls": "biobert", "make_vocab_size_divisible_by": None}
+    resolved = resolve(_config(**unpadded), ckpt)
+    assert any("model_cls: 'biobert' here, 'bert'" in note for note in resolved.notes)
+    with pytest.raises(CheckpointMismatchError) as raised:  # gpt and bert trees differ
+        resolve(_config(**BASE), ckpt)
+    assert "model_cls" in _mismatched_fields(raised.value)
+
+
+def test_padded_vocabulary_is_compared_with_the_weights(tmp_path):
+    ckpt = _checkpoint(tmp_path, model_cls="biobert", vocab_size=33)  # 128 rows
+    resolve(_config(**{**BASE, "model_cls": "biobert", "vocab_size": 100}), ckpt)  # the same 128 rows
+    with pytest.raises(CheckpointMismatchError):
+        resolve(_config(**{**BASE, "model_cls": "biobert", "vocab_size": 129}), ckpt)  # 256 rows

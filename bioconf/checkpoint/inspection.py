@@ -31,8 +31,10 @@ def inspect_checkpoint(ckpt_dir: str | os.PathLike[str]) -> dict[str, Any]:
             "path": str(checkpoint.path),
             "class": checkpoint.class_path,
             "class_is_bioconf": checkpoint.class_is_bioconf,
+            "bionemo_family": checkpoint.bionemo_family,
             "fields": {name: values[name] for name in sorted(checkpoint.config.model_fields_set)},
             "unknown_fields": checkpoint.unknown_fields,
+            "dropped_entries": checkpoint.dropped,
         },
         "weights": weights.to_dict(),
     }
@@ -90,11 +92,16 @@ def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
 
 def _text_lines(result: dict[str, Any]) -> list[str]:
     config, weights = result["config"], result["weights"]
-    lines = [f"checkpoint: {result['checkpoint']}", f"config: {config['class']} ({config['path']})"]
+    family = f", read as BioNeMo's {config['bionemo_family']}" if config["bionemo_family"] else ""
+    lines = [f"checkpoint: {result['checkpoint']}", f"config: {config['class']} ({config['path']}{family})"]
     fields = [(f"  {name}", _shown(value)) for name, value in config["fields"].items()]
     fields += [
         (f"  {name}", f"{_shown(value)}  (not modelled by bioconf)")
         for name, value in config["unknown_fields"].items()
+    ]
+    fields += [
+        (f"  {name}", f"{_shown(items)}  (dropped: bioconf cannot use these entries)")
+        for name, items in config["dropped_entries"].items()
     ]
     lines += _table(fields, set()) if fields else []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from bioconf.errors import PROBLEM_BASE
-from bioconf.resolve import POLICIES
+from bioconf.resolve import POLICIES, SOURCES
 from bioconf.schema.json_schema import json_schema
 
 _REF = "#/components/schemas/"
@@ -85,6 +85,10 @@ _RESOLVED = {
                 "path": {"type": "string", "description": "The io.json read."},
                 "class": {"type": "string"},
                 "class_is_bioconf": {"type": "boolean"},
+                "bionemo_family": {
+                    "type": ["string", "null"],
+                    "description": "The family a checkpoint of BioNeMo's own config class is read as.",
+                },
             },
         },
         "policy": {"enum": list(POLICIES)},
@@ -95,10 +99,14 @@ _RESOLVED = {
             "additionalProperties": {
                 "type": "object",
                 "required": ["value", "source"],
-                "properties": {"value": {}, "source": {"enum": ["user", "checkpoint", "derived"]}},
+                "properties": {"value": {}, "source": {"enum": [s for s in SOURCES if s != "default"]}},
             },
         },
         "unknown_checkpoint_fields": {"type": "object"},
+        "dropped_checkpoint_entries": {
+            "type": "object",
+            "description": "Entries of the checkpoint's own keep and skip lists that bioconf cannot use.",
+        },
         "notes": {"type": "array", "items": {"type": "string"}},
         "fingerprint": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
