@@ -194,6 +194,29 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bioconf.fs import refuse_existing
+
+    try:
+        refuse_existing(args.out, args.overwrite)  # before seconds of imports
+    except BioconfError as error:
+        return _report_error(error, "text")
+    _silence_library_notices()
+    from bioconf.convert import esm2
+
+    try:
+        if args.direction == "hf-to-nemo":
+            out = esm2.hf_to_nemo(args.source, args.out, overwrite=args.overwrite)
+        else:
+            out = esm2.nemo_to_hf(args.source, args.out, overwrite=args.overwrite, vocab_size=args.vocab_size)
+    except BioconfError as error:
+        return _report_error(error, "text")
+    except OSError as error:
+        return _report_error(_cannot_write(args.out, error), "text")
+    print(f"{out}: written ({esm2.describe(out)['bytes'] / 1e6:,.1f} MB)")
+    return EXIT_OK
+
+
 def _print_resolved(report: dict[str, Any]) -> None:
     """The fields not left to their default as an aligned table, by source, then the notes."""
     from bioconf.resolve import SOURCES
@@ -348,6 +371,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_format(run)
     run.set_defaults(run=cmd_run)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert Hugging Face ESM-2 (EsmForMaskedLM) to a NeMo 2 esm2 checkpoint, or back",
+        description="hf-to-nemo: an HF EsmForMaskedLM folder (config.json + model.safetensors) to a NeMo 2 "
+        "checkpoint of the esm2 family; nemo-to-hf: back to such a folder. Exit 2 for input that is not "
+        "ESM-2 or an OUT that exists.",
+    )
+    convert.add_argument("direction", choices=("hf-to-nemo", "nemo-to-hf"))
+    convert.add_argument("source", metavar="SRC", help="HF model folder (hf-to-nemo) or NeMo 2 checkpoint")
+    convert.add_argument("out", metavar="OUT", help="folder to create")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    convert.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="N",
+        help="nemo-to-hf: vocabulary rows to keep (default: the config's)",
+    )
+    convert.set_defaults(run=cmd_convert)
 
     demo = commands.add_parser(
         "demo", help="fine-tune a small ESM-2-like checkpoint (made once, locally) and print the report"

@@ -22,6 +22,7 @@ LAYERS = (
     ("bioconf.checkpoint",),
     ("bioconf.resolve",),
     ("bioconf.runtime",),
+    ("bioconf.convert",),
     ("bioconf.demo", "bioconf.service"),
     ("bioconf.cli", "bioconf.__main__"),
 )
