@@ -123,6 +123,39 @@ def test_bfloat16_round_trip_is_bit_exact(converted, tmp_path):
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, original[name]), name
 
 
+def test_a_checkpoint_written_for_bionemos_class_converts_with_vocab_size(converted, tmp_path):
+    """A checkpoint whose io.json names BioNeMo's ESM2Config (no vocab_size, as BioNeMo writes):
+    the padded embedding rows are what the checkpoint tells; ``vocab_size`` trims them."""
+    from bioconf.checkpoint.context import read_checkpoint_config
+    from bioconf.convert.esm2 import nemo_to_hf
+    from bioconf.runtime.build import build_model
+    from bioconf.runtime.config import materialize
+    from bioconf.runtime.parallel import ensure_parallel_state
+    from bioconf.runtime.save import save_checkpoint
+    from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore
+
+    config = read_checkpoint_config(converted["nemo"]).config
+    runtime = materialize(config)
+    runtime.use_cpu_initialization = True
+    with warnings.catch_warnings(), ensure_parallel_state(runtime):
+        warnings.simplefilter("ignore")
+        model = build_model(runtime)
+        load_weights_sharded_inplace_nemo2_to_mcore(model, converted["nemo"], quiet=True)
+        bionemo = save_checkpoint(model, config, tmp_path / "bionemo", config_class=BIONEMO_ESM2)
+    assert "vocab_size" not in read_checkpoint_config(bionemo).config.model_fields_set
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = nemo_to_hf(bionemo, tmp_path / "padded")
+        back = nemo_to_hf(bionemo, tmp_path / "back", vocab_size=33)
+    assert json.loads((padded / "config.json").read_text())["vocab_size"] == 128
+    original = safetensors_torch.load_file(converted["hf"] / "model.safetensors")
+    for name, tensor in safetensors_torch.load_file(back / "model.safetensors").items():
+        assert torch.equal(tensor, original[name]), name
+
+
+BIONEMO_ESM2 = "bionemo.esm2.model.model:ESM2Config"
+
+
 def test_converted_config_reads_back_in_transformers(converted):
     original = transformers.EsmConfig.from_pretrained(converted["hf"])
     back = transformers.EsmConfig.from_pretrained(converted["back"])

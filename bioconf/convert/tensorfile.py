@@ -188,6 +188,7 @@ def write_tensor_file(
             if tensor.dtype != plan.dtype or tuple(tensor.shape) != plan.shape:
                 made = f"{tensor.dtype} {tuple(tensor.shape)}"
                 raise AssertionError(f"{plan.name}: made {made}, planned {plan.dtype} {plan.shape}")
-            handle.write(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if tensor.numel():  # the tensor's own bytes, no copy
+                handle.write(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
         handle.flush()
         os.fsync(handle.fileno())
