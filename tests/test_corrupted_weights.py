@@ -26,7 +26,7 @@ from dist_scripts.layouts import build, gathered, same
 
 from bioconf.errors import CheckpointError
 from bioconf.runtime.initialize import init_checkpoint
-from bioconf.runtime.weights import load_weights_sharded_inplace_nemo2_to_mcore, reader
+from bioconf.runtime.weights import direct, load_weights_sharded_inplace_nemo2_to_mcore, reader
 from bioconf.schema import ModelConfig
 
 GPT = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=32)
@@ -335,10 +335,11 @@ def test_an_interrupt_during_the_read_stays_an_interrupt(parallel, ckpt, monkeyp
     """DCP wraps whatever a read raises, KeyboardInterrupt included, in its CheckpointException (a
     BaseException): the loader raises the interrupt again instead of reporting a bad checkpoint."""
 
-    def interrupted(item):
+    def interrupted(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(reader, "_item_layout", interrupted)
+    monkeypatch.setattr(reader, "_item_layout", interrupted)  # megatron's path
+    monkeypatch.setattr(direct, "_fast_layout", interrupted)  # the direct path
     with pytest.raises(KeyboardInterrupt):
         load_weights_sharded_inplace_nemo2_to_mcore(build(GPT, seed=1), ckpt, [], quiet=True)
 

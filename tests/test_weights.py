@@ -32,6 +32,7 @@ from bioconf.runtime import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, GPTModelConfig, ma
 from bioconf.runtime.initialize import init_checkpoint
 from bioconf.runtime.parallel import ensure_parallel_state
 from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.runtime.weights.direct import _fast_layout
 from bioconf.runtime.weights.reader import _DirectReader, _item_layout, _ItemFile, _read_direct, progress_bar
 from bioconf.schema import ModelConfig
 
@@ -373,6 +374,97 @@ def test_every_layout_loads_every_other_bit_exactly(tmp_path):
         )
         for word in ("ok", case)
     ]
+
+
+DIRECT_TP2 = r"""
+import sys, warnings
+sys.path.insert(0, sys.argv[2])
+from pathlib import Path
+import torch, torch.distributed as dist
+from megatron.core import parallel_state
+from layouts import build, gathered, layout, save_source, same
+from bioconf.runtime.weights import direct, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.schema import ModelConfig
+
+warnings.filterwarnings("ignore")
+dist.init_process_group("gloo")
+parallel_state.initialize_model_parallel()
+# hidden 256: a row-parallel weight's rows are 1 KiB, a rank keeps 512 B of each
+GPT = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=4, vocab_size=128, seq_length=32,
+                  pipeline_dtype="float32")
+root = Path(sys.argv[1])
+CASES = (
+    ("tp1->tp2", {}, {"tensor": 2}, 0),
+    ("tp1->tp2-coalesced", {}, {"tensor": 2}, None),
+    ("tp2->tp1", {"tensor": 2}, {}, 0),
+)
+for case, source, target, gap in CASES:
+    ckpt, reference = save_source(case.split("->")[0] + "-" + case, root, GPT, seed=1, **source)
+    model = build(layout(GPT, **target), seed=99)
+    if gap is not None:
+        direct.COALESCE_GAP = gap
+    report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [], quiet=True)
+    direct.COALESCE_GAP = 4096
+    assert same(gathered(model), reference), case
+    kept = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert report.bytes_kept == kept and report.stock_reads == 0, (case, report)
+    if dist.get_rank() == 0:
+        print(case, report.bytes_read, report.bytes_kept, len(report.loaded), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_at_tp2_each_rank_reads_only_what_it_keeps(tmp_path):
+    """TP=1 -> TP=2 through the direct path (no factories: no gated linear unit): each rank reads
+    the bytes it keeps plus the zip records of the items it touches (2 KiB each at most), not a
+    row-parallel weight's whole stored span; with gaps coalesced, at most the span. Bit-exact."""
+    script = tmp_path / "direct_tp2.py"
+    script.write_text(DIRECT_TP2)
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+            *(str(script), str(tmp_path), str(ROOT / "tests" / "dist_scripts")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    rows = {line.split()[0]: [int(n) for n in line.split()[1:]] for line in result.stdout.splitlines()}
+    assert rows.keys() == {"tp1->tp2", "tp1->tp2-coalesced", "tp2->tp1"}, result.stdout
+    for case in ("tp1->tp2", "tp2->tp1"):  # two items per tensor at TP2->TP1
+        read, kept, tensors = rows[case]
+        assert kept <= read <= kept + 2048 * tensors * 2, (case, read, kept)  # the records of each item
+    # coalesced: the 512 B gaps between a row-parallel weight's row spans are read too, and no more
+    exact, kept, tensors = rows["tp1->tp2"]
+    full = sum(path.stat().st_size for path in (tmp_path / "tp1-tp1->tp2" / "weights").glob("*.distcp"))
+    assert exact < rows["tp1->tp2-coalesced"][0] < full
+
+
+def test_the_fast_zip_parse_agrees_with_zipfile(tmp_path):
+    """The direct path's parse of an item's first and last KiB gives _item_layout's answer for what
+    torch.save writes, and declines (None: zipfile decides) a damaged record or pickle."""
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    saved = {
+        "contiguous": base.clone(),
+        "transposed": base.t(),
+        "view": base[2:5, 1:7],
+        "bf16": base.bfloat16(),
+    }
+    saved |= {"int64": torch.arange(5), "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4)}
+    dcp.save(saved, storage_writer=dcp.FileSystemWriter(tmp_path))
+    metadata = dcp.FileSystemReader(tmp_path).read_metadata()
+    for index, info in metadata.storage_data.items():
+        raw = (tmp_path / info.relative_path).read_bytes()
+        head, tail = raw[info.offset : info.offset + 1024], raw[: info.offset + info.length][-1024:]
+        head, tail = head[: info.length], tail[-info.length :]
+        with open(tmp_path / info.relative_path, "rb") as handle:
+            expected = _item_layout(_ItemFile(handle.fileno(), info.offset, info.length))
+        assert _fast_layout(head, tail, info.offset, info.length) == expected, index.fqn
+        damaged = bytearray(head)
+        damaged[100] ^= 0xFF  # inside the pickle: its CRC no longer matches
+        assert _fast_layout(bytes(damaged), tail, info.offset, info.length) is None, index.fqn
 
 
 # ---- GPU ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from bioconf.checkpoint.unpickling import DCP_METADATA_GLOBALS, METADATA_READ_LI
 from bioconf.errors import CheckpointError, ConfigIssue
 from bioconf.fs import read_fd
 from bioconf.runtime.parallel import ensure_parallel_state, model_chunks
+from bioconf.runtime.weights.direct import DirectLoad, eligible, picklable
 from bioconf.runtime.weights.plan import agree, check_index, damage_issues, plan_load, shard_path
 from bioconf.runtime.weights.reader import DirectLoadStrategy, ReadFailure, one_line, progress_bar
 from bioconf.runtime.weights.report import LoadReport
@@ -53,10 +54,39 @@ defaults): megatron unpacks it into that dataclass, so another field is a TypeEr
 
 
 def _reader_threads() -> int:
-    """Up to 4 reader threads per process, sharing the cores with the other processes on this node
-    (torchrun's LOCAL_WORLD_SIZE): more threads than cores only adds contention."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(4, (os.cpu_count() or 1) // per_node))
+    """Reader threads per process: the node's cores (those this process may run on) shared by the
+    processes on this node (torchrun's LOCAL_WORLD_SIZE), at most 8: more threads than cores only
+    adds contention."""
+    try:
+        per_node = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        per_node = 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // per_node))
+
+
+def _read_direct(
+    request: Any, metadata: Metadata, path: Path, progress: Any, source: str
+) -> tuple[int, int, int]:
+    """The direct path (``direct``): every rank reads its tensors, then all agree on what failed.
+    Returns (bytes read, bytes kept, stock reads)."""
+    tensors = [value for state in request.state_dicts for value in state.values()]
+    loader = DirectLoad(str(path), metadata, _reader_threads(), progress)
+    with progress:
+        loader.run(tensors)
+    failures = [picklable(error) for error in loader.failures]
+    if dist.get_world_size() > 1:
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, failures)
+    else:
+        everyone = [failures]
+    found = {rank: errors[0] for rank, errors in enumerate(everyone) if errors}
+    if found:
+        raise _read_error(found, source)
+    return loader.bytes_read, loader.bytes_kept, loader.stock_reads
 
 
 @cache
@@ -240,9 +270,25 @@ def load_weights_sharded_inplace_nemo2_to_mcore(
     chunks = model_chunks(model)
     with ensure_parallel_state():
         request = plan_load(chunks, content, metadata, skip, source)
-        agree(request, metadata, skip, strict, source)
+        request.direct = eligible(request.state_dicts, metadata, request.needed)
+        direct = agree(request, metadata, skip, strict, source)
         rank = dist.get_rank()
         progress = progress_bar(not quiet and rank == 0, f"loading {path.parent.name}")
+        if direct:
+            bytes_read, bytes_kept, stock_reads = _read_direct(request, metadata, path, progress, source)
+            return LoadReport(
+                checkpoint=source,
+                loaded=request.loaded,
+                skipped=request.skipped,
+                missing=[shown for shown, _ in request.missing],
+                cast=request.cast,
+                bytes_read=bytes_read,
+                bytes_kept=bytes_kept,
+                stock_reads=stock_reads,
+                seconds=time.perf_counter() - start,
+                rank=rank,
+                world_size=dist.get_world_size(),
+            )
         strategy = DirectLoadStrategy(metadata, progress, threads=_reader_threads())
         requested = (
             request.state_dicts[0]

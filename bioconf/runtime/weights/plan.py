@@ -66,6 +66,8 @@ class Request:
     """Checkpoint keys this rank reads."""
     damaged: list[Damage] = field(default_factory=list)
     """What is wrong with the stored items this rank reads (see ``Damage``)."""
+    direct: bool = False
+    """Whether the direct path (``direct.eligible``) can read this rank's request."""
 
 
 Damage = tuple[str, str, str, str]
@@ -349,12 +351,20 @@ def plan_load(
     return request
 
 
-def agree(request: Request, metadata: Metadata, skip: list[str], strict: bool, source: str) -> None:
+def agree(request: Request, metadata: Metadata, skip: list[str], strict: bool, source: str) -> bool:
     """Raise the same error on every rank if any rank found a problem: CheckpointError for damaged
     stored items (a checkpoint that cannot be read), else WeightsError. A skip prefix is in use if it
     matches a model key on some rank, or a checkpoint key (a chunk of a virtual pipeline, loaded on
-    its own, need not hold every key its prefixes are meant for)."""
-    mine = (request.issues, request.missing, request.prefixes_used, request.key_prefixes, request.damaged)
+    its own, need not hold every key its prefixes are meant for). Returns whether every rank's
+    request can take the direct path (the same answer on every rank)."""
+    mine = (
+        request.issues,
+        request.missing,
+        request.prefixes_used,
+        request.key_prefixes,
+        request.damaged,
+        request.direct,
+    )
     everyone = [mine]
     if dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
@@ -367,10 +377,10 @@ def agree(request: Request, metadata: Metadata, skip: list[str], strict: bool, s
         for prefix in _dot_prefixes(key.removeprefix(MODULE_PREFIX))
     }
     used = {p for p in skip if any(k.startswith(p) for k in keys)}
-    damaged = [damage for *_, rank_damaged in everyone for damage in rank_damaged]
+    damaged = [damage for *_, rank_damaged, _ in everyone for damage in rank_damaged]
     if damaged:
         raise CheckpointError(damage_issues(damaged))
-    for rank_issues, rank_missing, rank_used, rank_keys, _ in everyone:
+    for rank_issues, rank_missing, rank_used, rank_keys, _, _ in everyone:
         for issue in rank_issues:
             issues.setdefault((issue.type, issue.loc), issue)
         if strict:
@@ -400,3 +410,4 @@ def agree(request: Request, metadata: Metadata, skip: list[str], strict: bool, s
             )
     if issues:
         raise WeightsError(issues.values())
+    return all(rank[-1] for rank in everyone)

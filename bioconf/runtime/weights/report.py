@@ -22,7 +22,9 @@ class LoadReport:
     cast: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Key -> (checkpoint dtype, model dtype), where the values were converted."""
     bytes_read: int = 0
-    """Bytes this rank read from the weights files."""
+    """Bytes this rank read from the weights files (zip records and coalesced gaps included)."""
+    bytes_kept: int = 0
+    """Bytes of the checkpoint's tensors this rank keeps (0 when megatron's load path ran)."""
     stock_reads: int = 0
     """Stored items read through ``torch.load`` because the direct reader does not parse them."""
     seconds: float = 0.0
