@@ -67,15 +67,17 @@ def main() -> None:
             with ensure_parallel_state(runtime):
                 model, check = build_model(runtime), build_model(runtime)
                 seed_load(check, ckpt)
-                bioconf_load(model, ckpt)
-                agree = [None] * world
+                report = bioconf_load(model, ckpt)
+                agree, counted = [None] * world, [None] * world
                 dist.all_gather_object(agree, same_weights(model, check))
+                dist.all_gather_object(counted, [report.bytes_read, report.bytes_kept])
                 if not all(agree):
                     raise SystemExit(f"{size}: the two loaders disagree (per rank: {agree})")
                 timings[size] = {
                     cache: measure(model, ckpt, cache == "cold", args.repeats, METHODS, dist.barrier)
                     for cache in CACHES
                 }
+                timings[size]["bytes"] = counted
         if dist.get_rank() == 0:
             args.out.write_text(json.dumps(timings))
     finally:

@@ -9,6 +9,9 @@ process and by several (``--nproc``), the same model:
 - bioconf: ``load_weights_sharded_inplace_nemo2_to_mcore`` (checks first, then the direct reader);
 - file read: the physical limit, every ``.distcp`` file read start to end in 8 MiB ``readinto`` calls.
 
+The last column is what bioconf's reader counted for each rank: bytes asked of the kernel (zip
+records and coalesced gaps included) and bytes of weights the rank keeps.
+
 n processes (torchrun, gloo, one OpenMP thread each, launched by this script running
 ``_weights_worker.py``) each hold their part of the model at tensor_model_parallel_size=n and load
 it from the same checkpoint; a call starts at a barrier and ends at the next, so it lasts until the
@@ -36,6 +39,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from _table import print_table
@@ -87,8 +91,8 @@ def seed_load(model, ckpt: Path) -> None:
     )
 
 
-def bioconf_load(model, ckpt: Path) -> None:
-    load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [], quiet=True)
+def bioconf_load(model, ckpt: Path):
+    return load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [], quiet=True)
 
 
 def shard_files(ckpt: Path) -> list[Path]:
@@ -163,9 +167,10 @@ def one_process(config: ModelConfig, ckpt: Path, device: str, repeats: int) -> d
     runtime.use_cpu_initialization = device == "cpu"
     model, check = build_model(runtime), build_model(runtime)
     seed_load(check, ckpt)
-    bioconf_load(model, ckpt)
+    report = bioconf_load(model, ckpt)
     assert same_weights(model, check), "the two loaders disagree"
-    return {cache: measure(model, ckpt, cache == "cold", repeats) for cache in CACHES}
+    timings = {cache: measure(model, ckpt, cache == "cold", repeats) for cache in CACHES}
+    return {**timings, "bytes": [[report.bytes_read, report.bytes_kept]]}
 
 
 def several_processes(
@@ -203,7 +208,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         root = args.dir or Path(scratch)
-        timings: dict[int, dict[str, dict[str, dict[str, float]]]] = {}
+        timings: dict[int, dict[str, dict[str, Any]]] = {}
         with ensure_parallel_state():
             for size in sizes:
                 if not checkpoint_path(root, size).exists():
@@ -223,6 +228,7 @@ def main() -> None:
             for nproc in nprocs:
                 for cache in CACHES:
                     t = timings[nproc][size][cache]
+                    per_rank = timings[nproc][size]["bytes"]
                     rows.append(
                         [
                             f"{size} ({nbytes / 1e6:,.0f} MB)",
@@ -231,6 +237,7 @@ def main() -> None:
                             *(f"{t[name]:.3f} s ({nbytes / t[name] / 1e9:.2f} GB/s)" for name in METHODS),
                             f"{t['seed'] / t['bioconf']:.2f}x",
                             f"{t['file read'] / t['bioconf']:.0%}",
+                            " / ".join(f"{read / 1e6:,.1f} / {kept / 1e6:,.1f}" for read, kept in per_rank),
                         ]
                     )
         print_table(
@@ -245,6 +252,7 @@ def main() -> None:
                 "file read",
                 "bioconf vs seed",
                 "bioconf / limit",
+                "bioconf MB read / kept, per rank",
             ],
             rows,
         )
