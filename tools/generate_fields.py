@@ -296,7 +296,9 @@ def default_source(f: dataclasses.Field) -> tuple[str, str]:
     if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = f.default_factory()  # type: ignore[misc]
         if value == []:
-            return "default", "[]"  # pydantic copies mutable defaults per instance
+            # A factory, not default=[]: pydantic deep-copies an unhashable default for every config
+            # that leaves the field out (copy.deepcopy: ~1 us a field). The JSON Schema still shows it.
+            return "default_factory", "list"
         raise Unsupported(f"{f.name}: default_factory producing {value!r}")
     value = f.default
     if getattr(type(value), "__name__", None) == "dtype":
@@ -353,6 +355,8 @@ def render() -> str:
             continue
         kind, default = default_source(f)
         extra = {"x-group": group_of(f.name), "x-level": "basic" if f.name in BASIC else "advanced"}
+        if kind == "default_factory":
+            extra["default"] = []
         text = annotation(hints[f.name], f.name)
         if text.startswith("DType"):
             dtype_fields.append(f.name)

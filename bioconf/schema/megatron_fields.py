@@ -1185,9 +1185,9 @@ class MegatronFields:
         json_schema_extra={"x-group": "fusions", "x-level": "advanced"},
     )
     offload_modules: list[str] | None = Field(
-        default=[],
+        default_factory=list,
         description='The submodules to offload its input. choices: "attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1", "moe_act". "attn_norm": offload the input of the normalization in the attention part. "qkv_linear": offload the input of the qkv linear part. "core_attn": offload the input of the core attention part. "attn_proj": offload the input of the attn linear projection part. "mlp_norm": offload the input of the normalization in the mlp part. "expert_fc1": offload the input of the expert fc1 part. "moe_act": offload the input of the moe act part.',
-        json_schema_extra={"x-group": "fusions", "x-level": "advanced"},
+        json_schema_extra={"x-group": "fusions", "x-level": "advanced", "default": []},
     )
     min_offloaded_tensor_size: int = Field(
         default=1048576,

@@ -13,10 +13,13 @@ Instances are frozen values: derive new ones with ``with_overrides``.
 """
 
 import hashlib
+import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Annotated, Any, Final, Literal, get_args
+from functools import cache, partial
+from types import UnionType
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
 
 import orjson
 from pydantic import (
@@ -28,6 +31,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic._internal._model_construction import ModelMetaclass
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from bioconf.errors import ConfigError, OverrideError, issues_from_validation, short_repr
@@ -93,7 +97,17 @@ POLICIES: Final[tuple[Policy, ...]] = get_args(Policy)
 _CHECKPOINT = {"x-group": "checkpoint", "x-level": "basic"}
 
 
-class ModelConfig(MegatronFields, BaseModel):
+class _RewritingMetaclass(ModelMetaclass):
+    """``ModelConfig(...)``: field errors rewritten as the validate methods rewrite them."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as error:
+            raise _with_suggestions(error, cls) from None
+
+
+class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
     """A Megatron model config as data: every JSON-expressible TransformerConfig field, plus the
     checkpoint fields of BioNeMo's ``MegatronBioNeMoTrainableModelConfig`` and what building a
     model needs (``model_cls``, ``vocab_size``, ``seq_length``)."""
@@ -261,10 +275,12 @@ class ModelConfig(MegatronFields, BaseModel):
         json_schema_extra=_CHECKPOINT,
     )
     initial_ckpt_skip_keys_with_these_prefixes: list[SkipPrefix] = Field(
-        default=[],
+        # Factories, not list defaults: pydantic deep-copies an unhashable default for every config
+        # that leaves the field out (copy.deepcopy: ~1 us, ~7 us for the 19 names below).
+        default_factory=list,
         description="Model state-dict key prefixes whose weights are not loaded from the checkpoint "
         "(e.g. a new output head).",
-        json_schema_extra=_CHECKPOINT,
+        json_schema_extra={**_CHECKPOINT, "default": []},
     )
     initial_ckpt_path_ignore_weights: bool = Field(
         default=False,
@@ -272,16 +288,18 @@ class ModelConfig(MegatronFields, BaseModel):
         json_schema_extra=_CHECKPOINT,
     )
     override_parent_fields: list[str] = Field(
-        default=list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS),
+        default_factory=partial(list, OVERRIDE_BIONEMO_CONFIG_DEFAULTS),
         description="Fields whose value in this config is kept when settings are loaded from "
         "initial_ckpt_path; every other field takes the checkpoint's value.",
-        json_schema_extra=_CHECKPOINT,
+        json_schema_extra={**_CHECKPOINT, "default": list(OVERRIDE_BIONEMO_CONFIG_DEFAULTS)},
     )
 
     @field_validator("override_parent_fields")
     @classmethod
     def _known_unique_fields(cls, names: list[str]) -> list[str]:
-        known = cls.model_fields.keys() | BIONEMO_ONLY_FIELDS
+        known = _known_field_names()
+        if len(names) == len(set(names)) and known.issuperset(names):
+            return names
         seen: set[str] = set()
         for index, name in enumerate(names):
             if name not in known:
@@ -309,58 +327,100 @@ class ModelConfig(MegatronFields, BaseModel):
             )
         return prefixes
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _check(cls, data: Any, handler: Any) -> "ModelConfig":
-        """The family's defaults, field validation, the family's own fields, then megatron's
+    # An "after" validator, not a "wrap" one: a wrap validator makes pydantic-core turn JSON input
+    # into Python objects and validate those (model_validate_json at half speed). Field errors
+    # never reach it, so the entry points below rewrite them (unknown keys: "did you mean").
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        """The family's defaults, then the family's own fields, 64-bit integers and megatron's
         cross-field rules; errors carry field locations."""
-        family = FAMILIES.get(data.get("model_cls")) if isinstance(data, dict) else None
-        defaults = {n: v for n, v in family.defaults.items() if n not in data} if family else {}
+        values = self.__dict__
+        fields_set = self.__pydantic_fields_set__
+        family = _FAMILY_CHECKS.get(values["model_cls"])
+        if family is not None:
+            defaults, foreign_values, foreign_defaults, foreign = family
+            # A family default is a default: set, but not in fields_set (what a user wrote, what
+            # io.json records). Validating a default changes nothing: defaults are schema values.
+            for name, value in defaults:
+                if name not in fields_set:
+                    values[name] = value
+            # Another family's field at its default is not misplaced (a full dump holds them all).
+            if foreign and foreign_values(values) != foreign_defaults:
+                misplaced = [
+                    name for name, default in foreign if name in fields_set and values[name] != default
+                ]
+                if misplaced:
+                    raise _misplaced_error(self, misplaced)
+        try:  # orjson refuses exactly the integers _json_int_safe refuses
+            if len(fields_set) < _FEW_FIELDS:
+                orjson.dumps([values[name] for name in fields_set & _INT_FIELDS])
+            else:
+                orjson.dumps(_int_values(values))
+        except orjson.JSONEncodeError:
+            beyond = [name for name in fields_set if not _json_int_safe(values[name])]
+            if beyond:
+                raise _beyond_64_bits_error(self, beyond) from None
+        violations = _typed_rules(self)
+        if violations:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("megatron_rule", violation.message),
+                        loc=(violation.fields[0],),
+                        input={name: getattr(self, name, None) for name in violation.fields},
+                    )
+                    for violation in violations
+                ],
+            )
+        return self
+
+    # Field errors, rewritten at each entry point (the after validator never sees them); a call
+    # (``ModelConfig(...)``) is rewritten by the metaclass: an ``__init__`` here would make pydantic
+    # validate every input twice.
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> "ModelConfig":
+        if type(obj) is cls:
+            # pydantic hands an instance back as it is: check it, but apply no family defaults
+            # (it has its values already; one built by model_construct keeps its own).
+            return obj._checked()
         try:
-            config = handler({**defaults, **data} if defaults else data)
+            return super().model_validate(obj, *args, **kwargs)
         except ValidationError as error:
             raise _with_suggestions(error, cls) from None
-        if defaults:  # a family default is a default: not set (what a user wrote, what io.json records)
-            object.__setattr__(config, "__pydantic_fields_set__", config.model_fields_set - defaults.keys())
-        misplaced = [
-            name
-            for name in sorted(config.model_fields_set & BIONEMO_FIELDS.keys())
-            if config.model_cls in FAMILIES
-            and config.model_cls not in BIONEMO_FIELDS[name]
-            and getattr(config, name) != cls.model_fields[name].default  # a full dump holds them all
-        ]
-        if misplaced:
-            raise ValidationError.from_exception_data(
-                cls.__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError(
-                            "not_a_family_field",
-                            f"a field of the {', '.join(BIONEMO_FIELDS[name])} model families only; "
-                            f"model_cls is {config.model_cls!r}",
-                        ),
-                        loc=(name,),
-                        input=getattr(config, name),
-                    )
-                    for name in misplaced
-                ],
-            )
-        beyond = [name for name in config.model_fields_set if not _json_int_safe(getattr(config, name))]
+
+    @classmethod
+    def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any) -> "ModelConfig":
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
+        except ValidationError as error:
+            if error.errors(include_url=False)[0]["type"] == "json_invalid":
+                raise  # not JSON: nothing was validated, and the error is pydantic's own
+            raise _with_suggestions(error, cls, json=True) from None
+
+    @classmethod
+    def model_validate_strings(cls, obj: Any, *args: Any, **kwargs: Any) -> "ModelConfig":
+        try:
+            return super().model_validate_strings(obj, *args, **kwargs)
+        except ValidationError as error:
+            raise _with_suggestions(error, cls) from None
+
+    def _checked(self) -> "ModelConfig":
+        """The checks of ``_check`` on an existing instance, without touching its values."""
+        cls = type(self)
+        if self.model_cls in FAMILIES:
+            misplaced = [
+                name
+                for name in sorted(self.model_fields_set & BIONEMO_FIELDS.keys())
+                if self.model_cls not in BIONEMO_FIELDS[name]
+                and getattr(self, name) != cls.model_fields[name].default
+            ]
+            if misplaced:
+                raise _misplaced_error(self, misplaced)
+        beyond = [name for name in self.model_fields_set if not _json_int_safe(getattr(self, name))]
         if beyond:
-            raise ValidationError.from_exception_data(
-                cls.__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError(
-                            "number_out_of_range", "an integer JSON cannot hold (beyond 64 bits)"
-                        ),
-                        loc=(name,),
-                        input=getattr(config, name),
-                    )
-                    for name in sorted(beyond)
-                ],
-            )
-        violations = rules.check_rules(config)
+            raise _beyond_64_bits_error(self, beyond)
+        violations = rules.check_rules(self)
         if violations:
             raise ValidationError.from_exception_data(
                 cls.__name__,
@@ -368,12 +428,12 @@ class ModelConfig(MegatronFields, BaseModel):
                     InitErrorDetails(
                         type=PydanticCustomError("megatron_rule", violation.message),
                         loc=(violation.fields[0],),
-                        input={name: getattr(config, name, None) for name in violation.fields},
+                        input={name: getattr(self, name, None) for name in violation.fields},
                     )
                     for violation in violations
                 ],
             )
-        return config
+        return self
 
     # ---- derived views -------------------------------------------------------------------
 
@@ -422,6 +482,40 @@ class ModelConfig(MegatronFields, BaseModel):
         return [(name, getattr(self, name)) for name in self.model_fields if name in self.model_fields_set]
 
 
+def _misplaced_error(config: ModelConfig, misplaced: list[str]) -> ValidationError:
+    return ValidationError.from_exception_data(
+        type(config).__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "not_a_family_field",
+                    f"a field of the {', '.join(BIONEMO_FIELDS[name])} model families only; "
+                    f"model_cls is {config.model_cls!r}",
+                ),
+                loc=(name,),
+                input=getattr(config, name),
+            )
+            for name in misplaced
+        ],
+    )
+
+
+def _beyond_64_bits_error(config: ModelConfig, beyond: list[str]) -> ValidationError:
+    return ValidationError.from_exception_data(
+        type(config).__name__,
+        [
+            InitErrorDetails(
+                type=PydanticCustomError(
+                    "number_out_of_range", "an integer JSON cannot hold (beyond 64 bits)"
+                ),
+                loc=(name,),
+                input=getattr(config, name),
+            )
+            for name in sorted(beyond)
+        ],
+    )
+
+
 def _json_int_safe(value: Any) -> bool:
     """No integer beyond 64 bits (what canonical JSON, the fingerprint, can hold), also in a list."""
     if type(value) is int:
@@ -429,6 +523,12 @@ def _json_int_safe(value: Any) -> bool:
     if isinstance(value, (list, tuple)):
         return all(_json_int_safe(item) for item in value)
     return True
+
+
+@cache
+def _known_field_names() -> frozenset[str]:
+    """What override_parent_fields may name: the fields, and BioNeMo's fields with no JSON form."""
+    return frozenset(ModelConfig.model_fields.keys() | BIONEMO_ONLY_FIELDS)
 
 
 MAX_SUGGESTIONS: Final = 20
@@ -447,9 +547,24 @@ def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _with_suggestions(error: ValidationError, model: type["ModelConfig"]) -> ValidationError:
+# pydantic-core words these errors in JSON terms when it validates JSON; a config's errors read the
+# same however it arrived (as when every input was validated as Python objects).
+_PYTHON_MESSAGES: Final[dict[str, str]] = {
+    "model_type": "Input should be a valid dictionary or instance of {model}",
+    "list_type": "Input should be a valid list",
+    "tuple_type": "Input should be a valid tuple",
+    "dict_type": "Input should be a valid dictionary",
+    "set_type": "Input should be a valid set",
+    "frozen_set_type": "Input should be a valid frozenset",
+    "none_required": "Input should be None",
+}
+
+
+def _with_suggestions(
+    error: ValidationError, model: type["ModelConfig"], json: bool = False
+) -> ValidationError:
     """Rewrite pydantic's "extra inputs are not permitted" as "unknown field ...; did you mean" (for
-    the first MAX_SUGGESTIONS unknown names).
+    the first MAX_SUGGESTIONS unknown names); ``json``: pydantic's JSON wording as its Python one.
 
     Re-raising needs every error as a custom error: pydantic only rebuilds its own types from a
     name, and ours (dtype, activation, ...) would not round-trip.
@@ -466,6 +581,8 @@ def _with_suggestions(error: ValidationError, model: type["ModelConfig"]) -> Val
             kind, message = "unknown_field", f"unknown field {short_repr(name)}{hint}"
         else:
             kind, message = item["type"], item["msg"]
+            if json and kind in _PYTHON_MESSAGES:
+                message = _PYTHON_MESSAGES[kind].format(model=model.__name__)
         details.append(
             InitErrorDetails(type=PydanticCustomError(kind, message), loc=item["loc"], input=item["input"])
         )
@@ -477,6 +594,52 @@ FIELD_GROUPS: Final[dict[str, str]] = {
     for name, info in ModelConfig.model_fields.items()
 }
 """Field -> its form group (``x-group``)."""
+
+
+def _family_checks(name: str) -> tuple[Any, ...]:
+    foreign = tuple(
+        (field, ModelConfig.model_fields[field].default)
+        for field in sorted(BIONEMO_FIELDS)
+        if name not in BIONEMO_FIELDS[field]
+    )
+    getter = operator.itemgetter(*(field for field, _ in foreign), "model_cls")  # always a tuple
+    return (
+        tuple(FAMILIES[name].defaults.items()),
+        getter,
+        getter({**dict(foreign), "model_cls": name}),
+        foreign,
+    )
+
+
+_FAMILY_CHECKS: Final[dict[str, tuple[Any, ...]]] = {name: _family_checks(name) for name in FAMILIES}
+"""Family -> (its defaults; the values of the fields of other families only (and model_cls), those
+at their defaults; those fields with their defaults, sorted): what ``_check`` reads for the family."""
+
+
+def _may_hold_int(annotation: Any) -> bool:
+    """Whether a value of this type can be (or hold) an ``int``: all but bool, str and string literals."""
+    if annotation in (bool, str, type(None)):
+        return False
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return not all(isinstance(arg, str) for arg in get_args(annotation))
+    if origin in (Union, UnionType):
+        return any(_may_hold_int(arg) for arg in get_args(annotation))
+    return True
+
+
+_INT_FIELDS: Final[frozenset[str]] = frozenset(
+    name for name, info in ModelConfig.model_fields.items() if _may_hold_int(info.annotation)
+)
+_int_values: Final = operator.itemgetter(*sorted(_INT_FIELDS))
+"""The values of every field that can hold an integer: ``orjson.dumps`` of them refuses an integer
+outside [-2**63, 2**64), exactly what ``_json_int_safe`` refuses."""
+_typed_rules: Final = rules.TypedRules(
+    {name: info.get_default(call_default_factory=True) for name, info in ModelConfig.model_fields.items()}
+)
+"""``rules.check_rules`` for a validated config, skipping the rule groups its defaults decide."""
+_FEW_FIELDS: Final = 40
+"""Below this many fields set, the 64-bit check reads the set fields; from it on, every int field."""
 
 
 def _list_default(name: str) -> Any:

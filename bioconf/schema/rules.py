@@ -40,9 +40,11 @@ quick_gelu (see _FUSED_QUICK_GELU_NAMES).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter
+from typing import Any
 
 from bioconf.schema.derived import effective
 
@@ -97,18 +99,86 @@ def _unroll(match: re.Match[str]) -> str:
 def check_rules(cfg: object) -> list[RuleViolation]:
     """Every megatron cross-field rule that ``cfg`` violates (empty when megatron would accept it)."""
     out: list[RuleViolation] = []
-    _precision(cfg, out)
-    _parallelism(cfg, out)
+    _block_a(cfg, out)
     _attention(cfg, out)
-    granularity, modules = _recompute(cfg, out)
-    _offloading(cfg, out)
-    vpp = _pipeline_layout(cfg, out)
-    _fusions(cfg, out)
-    capacity = _moe(cfg, out)
-    impl, scopes = _cuda_graphs(cfg, out, granularity, modules, capacity)
-    _moe_overlap(cfg, out, granularity, vpp, impl, scopes)
+    _block_b(cfg, out)
     _misc(cfg, out)
     return out
+
+
+def _block_a(c: object, out: list[RuleViolation]) -> None:
+    _precision(c, out)
+    _parallelism(c, out)
+
+
+def _block_b(c: object, out: list[RuleViolation]) -> None:
+    granularity, modules = _recompute(c, out)
+    _offloading(c, out)
+    vpp = _pipeline_layout(c, out)
+    _fusions(c, out)
+    capacity = _moe(c, out)
+    impl, scopes = _cuda_graphs(c, out, granularity, modules, capacity)
+    _moe_overlap(c, out, granularity, vpp, impl, scopes)
+
+
+class _Reads:
+    """Stands in for a config holding ``values``, and records each field read."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(_values=values, read=[])
+
+    def __getattr__(self, name: str) -> Any:
+        self.read.append(name)
+        return self._values[name]
+
+
+class _Block:
+    """A run of rule groups, and what it reads and reports on the default config.
+
+    Rule groups are deterministic functions of the fields they read. Run on a config whose every
+    field read on the defaults holds the default's value, they read the same values in the same
+    order, take the same branches and report the same violations: the block need not run. "The same
+    value" needs the schema's types (a validated config: floats as floats, never a bool for an int),
+    where equal values behave alike.
+    """
+
+    def __init__(self, run: Callable[[Any, list[RuleViolation]], None], defaults: Mapping[str, Any]) -> None:
+        reads = _Reads(defaults)
+        out: list[RuleViolation] = []
+        run(reads, out)
+        self.run = run
+        self.out = tuple(out)
+        names = tuple(dict.fromkeys(reads.read))
+        names = names if len(names) > 1 else names * 2  # itemgetter of two or more names: a tuple
+        self.values: Callable[[Mapping[str, Any]], tuple[Any, ...]] = (
+            itemgetter(*names) if names else lambda values: ()
+        )
+        self.defaults = tuple(defaults[name] for name in names)
+
+
+class TypedRules:
+    """``check_rules`` for validated configs (each field holds a value of its schema type): the same
+    violations in the same order, without running the rule groups that can only report what they
+    report on ``defaults`` (see ``_Block``). Two such blocks: precision and parallelism; recompute,
+    offloading, pipeline layout, fusions, MoE, CUDA graphs and the EP overlap. The attention and
+    layer-count groups, which every real config changes, always run."""
+
+    def __init__(self, defaults: Mapping[str, Any]) -> None:
+        self._a = _Block(_block_a, defaults)
+        self._b = _Block(_block_b, defaults)
+
+    def __call__(self, cfg: Any) -> list[RuleViolation]:
+        values = cfg.__dict__
+        out: list[RuleViolation] = []
+        for block in (self._a, None, self._b):
+            if block is None:
+                _attention(cfg, out)
+            elif block.values(values) == block.defaults:
+                out.extend(block.out)
+            else:
+                block.run(cfg, out)
+        _misc(cfg, out)
+        return out
 
 
 def rule_warnings(cfg: object) -> list[RuleViolation]:
