@@ -1,9 +1,14 @@
-"""Schema-layer speed, side by side with what a megatron-based validator pays.
+"""Schema-layer speed, side by side with what a megatron-based validator pays, in one run.
 
 1. `bioconf validate example.json` in a fresh process vs `python -c "import megatron.core.transformer"`
-   (the import alone, before any validation). Target: >= 30x faster.
-2. In-process validation of a full config (every field present) vs constructing megatron's
-   TransformerConfig with the same values. Target: >= 20,000 configs/s, and not slower.
+   (the import alone, before any validation), median of --repeats each. Target: >= 30x faster.
+2. JSON bytes -> ModelConfig (``ModelConfig.model_validate_json``) for a full config (every field
+   present) vs constructing megatron's TransformerConfig with the same values. Target: >= 1.5x
+   megatron's constructor.
+3. The same for a typical pipeline config (examples/finetune.json, 10 fields). Target: >= 60,000/s.
+
+The machine's load average is printed first: on a shared 2-core machine the absolute rates move
+with it; the ratios, measured in the same run, much less.
 
     .venv/bin/python benchmarks/schema_speed.py [--repeats 5]
 """
@@ -11,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import warnings
@@ -21,6 +27,15 @@ from _table import median_wall, print_table, rate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pretrain_esm2_small.json"
+TYPICAL = ROOT / "examples" / "finetune.json"
+
+COLD_START_TARGET = 30.0
+FULL_TARGET = 1.5
+TYPICAL_TARGET = 60_000
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
 def fresh_process(repeats: int) -> None:
@@ -32,15 +47,17 @@ def fresh_process(repeats: int) -> None:
     megatron = median_wall(
         [sys.executable, "-W", "ignore", "-c", "import megatron.core.transformer"], repeats
     )
+    ratio = megatron / ours
     print_table(
-        "Fresh process: validate one config (median wall seconds)",
-        ["command", "seconds", "ratio"],
+        f"Fresh process: validate one config (median wall seconds of {repeats})",
+        ["command", "seconds", "ratio", f"target >= {COLD_START_TARGET:.0f}x"],
         [
-            ["bioconf validate examples/pretrain_esm2_small.json", f"{ours:.3f}", "1.0x"],
+            ["bioconf validate examples/pretrain_esm2_small.json", f"{ours:.3f}", "1.0x", ""],
             [
                 'python -c "import megatron.core.transformer"',
                 f"{megatron:.3f}",
-                f"{megatron / ours:.1f}x slower",
+                f"{ratio:.1f}x slower",
+                _met(ratio >= COLD_START_TARGET),
             ],
         ],
     )
@@ -49,34 +66,66 @@ def fresh_process(repeats: int) -> None:
 def in_process() -> None:
     from bioconf.schema import ModelConfig
 
-    # A full config: every field present, as a pipeline that always sends everything would.
-    user = orjson.loads(EXAMPLE.read_bytes())
-    full = ModelConfig.model_validate(user).to_dict()
-    full_json = orjson.dumps(full)
-    ours_dict = rate(lambda: ModelConfig.model_validate(full))
-    ours_json = rate(lambda: ModelConfig.model_validate(orjson.loads(full_json)))
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         from bioconf.runtime.values import to_megatron_kwargs
 
+    # A full config: every field present, as a pipeline that always sends everything would.
+    user = orjson.loads(EXAMPLE.read_bytes())
+    full = ModelConfig.model_validate(user).to_dict()
+    full_json = orjson.dumps(full)
     kwargs = to_megatron_kwargs(
         ModelConfig.model_validate(user), only_megatron_fields=True, explicit_only=False
     )
-    megatron = rate(lambda: TransformerConfig(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        megatron = rate(lambda: TransformerConfig(**kwargs))
+        ours_json = rate(lambda: ModelConfig.model_validate_json(full_json))
+        ours_dict = rate(lambda: ModelConfig.model_validate(full))
+        megatron_again = rate(lambda: TransformerConfig(**kwargs))
+    megatron = max(megatron, megatron_again)  # measured before and after ours: the better of the two
     print_table(
         f"In-process: validate a full config ({len(full)} fields)",
-        ["what", "configs/s", "ratio vs megatron"],
+        ["what", "configs/s", "ratio vs megatron", f"target >= {FULL_TARGET}x"],
         [
-            ["ModelConfig.model_validate(dict)", f"{ours_dict:,.0f}", f"{ours_dict / megatron:.1f}x"],
             [
-                "ModelConfig.model_validate(orjson.loads(bytes))",
+                "ModelConfig.model_validate_json(bytes)",
                 f"{ours_json:,.0f}",
-                f"{ours_json / megatron:.1f}x",
+                f"{ours_json / megatron:.2f}x",
+                _met(ours_json / megatron >= FULL_TARGET),
             ],
-            ["megatron TransformerConfig(**same values)", f"{megatron:,.0f}", "1.0x"],
+            ["ModelConfig.model_validate(dict)", f"{ours_dict:,.0f}", f"{ours_dict / megatron:.2f}x", ""],
+            ["megatron TransformerConfig(**same values)", f"{megatron:,.0f}", "1.0x", ""],
+        ],
+    )
+
+    # A typical pipeline config: the few fields a fine-tune sets.
+    typical_json = TYPICAL.read_bytes()
+    typical = ModelConfig.model_validate_json(typical_json)
+    typical_kwargs = to_megatron_kwargs(typical, only_megatron_fields=True, explicit_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours_typical = rate(lambda: ModelConfig.model_validate_json(typical_json))
+        megatron_typical = rate(lambda: TransformerConfig(**typical_kwargs))
+    print_table(
+        f"In-process: validate a typical pipeline config ({TYPICAL.name}, "
+        f"{len(orjson.loads(typical_json))} fields)",
+        ["what", "configs/s", "ratio vs megatron", f"target >= {TYPICAL_TARGET:,}/s"],
+        [
+            [
+                "ModelConfig.model_validate_json(bytes)",
+                f"{ours_typical:,.0f}",
+                f"{ours_typical / megatron_typical:.2f}x",
+                _met(ours_typical >= TYPICAL_TARGET),
+            ],
+            [
+                f"megatron TransformerConfig(**its {len(typical_kwargs)} megatron values)",
+                f"{megatron_typical:,.0f}",
+                "1.0x",
+                "",
+            ],
         ],
     )
 
@@ -85,6 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"load average (1, 5, 15 min): {load} on {os.cpu_count()} cores")
     fresh_process(args.repeats)
     in_process()
 

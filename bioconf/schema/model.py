@@ -36,7 +36,6 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from bioconf.errors import ConfigError, OverrideError, issues_from_validation, short_repr
 from bioconf.schema import rules
-from bioconf.schema.display import fields_table
 from bioconf.schema.families import BIONEMO_FIELDS, FAMILIES
 from bioconf.schema.megatron_fields import MegatronFields
 from bioconf.schema.overrides import merge_overrides
@@ -475,6 +474,8 @@ class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
     def _repr_html_(self) -> str:
         """Jupyter: the explicitly set fields, grouped as in the UI form."""
         title = f"ModelConfig ({len(self.model_fields_set)} fields set, sha256:{self.fingerprint()[:12]})"
+        from bioconf.schema.display import fields_table  # html: only notebooks pay for the import
+
         return fields_table(title, self.explicit_fields(), FIELD_GROUPS)
 
     def __repr_args__(self) -> Iterable[tuple[str, Any]]:
