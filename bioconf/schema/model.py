@@ -16,10 +16,10 @@ import hashlib
 import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import replace
 from functools import cache, partial
-from types import UnionType
-from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Final, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic._internal._model_construction import ModelMetaclass
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError, SchemaValidator
 
 from bioconf.errors import ConfigError, OverrideError, issues_from_validation, short_repr
 from bioconf.schema import rules
@@ -96,6 +96,85 @@ POLICIES: Final[tuple[Policy, ...]] = get_args(Policy)
 _CHECKPOINT = {"x-group": "checkpoint", "x-level": "basic"}
 
 
+_INT64_MIN: Final = -(2**63)
+_INT64_END: Final = 2**64
+"""What canonical JSON (orjson) holds: -2**63 <= an integer < 2**64."""
+_UNBOUNDED: ContextVar[bool] = ContextVar("bioconf_unbounded", default=False)
+"""Set while an input is validated again without the 64-bit bounds (``_final_error``)."""
+
+
+def _bound_ints(schema: Any) -> None:
+    """Give every integer in ModelConfig's validator the 64-bit range as pydantic-core bounds: the check
+    costs nothing there, where the after validator's pass over every integer field cost ~2 µs. Bounds
+    a field has of its own stay; the JSON Schema does not show the added ones."""
+    seen: set[int] = set()
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list | tuple):
+            for item in node:
+                visit(item)
+            return
+        if not isinstance(node, dict) or id(node) in seen:
+            return
+        seen.add(id(node))
+        if node.get("type") == "union":
+            # A union's errors are located by each choice's name, and a bounded int is named
+            # "constrained-int": keep the names the choices had.
+            node["choices"] = [
+                (choice, SchemaValidator(_unbound(choice)).title)
+                if isinstance(choice, dict) and _has_int(choice)
+                else choice
+                for choice in node["choices"]
+            ]
+        if node.get("type") == "int":
+            added = []
+            if "ge" not in node and "gt" not in node:
+                node["ge"] = _INT64_MIN
+                added.append("ge")
+            if "lt" not in node and "le" not in node:
+                node["lt"] = _INT64_END
+                added.append("lt")
+            metadata = node.get("metadata") or {}
+            functions = [*metadata.get("pydantic_js_functions", ()), _hide_int64_bounds]
+            node["metadata"] = {**metadata, "bioconf_int64": tuple(added), "pydantic_js_functions": functions}
+        for key, value in node.items():
+            if key != "metadata":
+                visit(value)
+
+    visit(schema)
+
+
+def _hide_int64_bounds(schema: Any, handler: Any) -> Any:
+    json_schema = handler(schema)
+    if json_schema.get("minimum") == _INT64_MIN:
+        del json_schema["minimum"]
+    if json_schema.get("exclusiveMaximum") == _INT64_END:
+        del json_schema["exclusiveMaximum"]
+    return json_schema
+
+
+def _has_int(node: Any) -> bool:
+    if isinstance(node, list | tuple):
+        return any(_has_int(item) for item in node)
+    if not isinstance(node, dict):
+        return False
+    return node.get("type") == "int" or any(_has_int(v) for k, v in node.items() if k != "metadata")
+
+
+def _unbound(node: Any) -> Any:
+    """A copy of a core schema without the bounds ``_bound_ints`` added."""
+    if isinstance(node, list):
+        return [_unbound(item) for item in node]
+    if isinstance(node, tuple):  # a union's (choice, name)
+        return tuple(_unbound(item) for item in node)
+    if not isinstance(node, dict):
+        return node
+    copy = {key: value if key == "metadata" else _unbound(value) for key, value in node.items()}
+    for key in (copy.get("metadata") or {}).get("bioconf_int64", ()):
+        del copy[key]
+    return copy
+
+
 class _RewritingMetaclass(ModelMetaclass):
     """``ModelConfig(...)``: field errors rewritten as the validate methods rewrite them."""
 
@@ -103,7 +182,7 @@ class _RewritingMetaclass(ModelMetaclass):
         try:
             return super().__call__(*args, **kwargs)
         except ValidationError as error:
-            raise _with_suggestions(error, cls) from None
+            raise _final_error(error, cls, "validate_python", kwargs, {}) from None
 
 
 class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
@@ -350,15 +429,12 @@ class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
                 ]
                 if misplaced:
                     raise _misplaced_error(self, misplaced)
-        try:  # orjson refuses exactly the integers _json_int_safe refuses
-            if len(fields_set) < _FEW_FIELDS:
-                orjson.dumps([values[name] for name in fields_set & _INT_FIELDS])
-            else:
-                orjson.dumps(_int_values(values))
-        except orjson.JSONEncodeError:
+        # Integers beyond 64 bits: pydantic-core refuses them (_bound_ints), and the entry points
+        # validate such an input again without the bounds, to report it as before, here.
+        if _UNBOUNDED.get():
             beyond = [name for name in fields_set if not _json_int_safe(values[name])]
             if beyond:
-                raise _beyond_64_bits_error(self, beyond) from None
+                raise _beyond_64_bits_error(self, beyond)
         violations = _typed_rules(self)
         if violations:
             raise ValidationError.from_exception_data(
@@ -378,31 +454,38 @@ class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
     # (``ModelConfig(...)``) is rewritten by the metaclass: an ``__init__`` here would make pydantic
     # validate every input twice.
     @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> "ModelConfig":
+    def model_validate(cls, obj: Any, **kwargs: Any) -> "ModelConfig":
         if type(obj) is cls:
             # pydantic hands an instance back as it is: check it, but apply no family defaults
             # (it has its values already; one built by model_construct keeps its own).
             return obj._checked()
         try:
-            return super().model_validate(obj, *args, **kwargs)
+            return super().model_validate(obj, **kwargs)
         except ValidationError as error:
-            raise _with_suggestions(error, cls) from None
+            raise _final_error(error, cls, "validate_python", obj, kwargs) from None
 
     @classmethod
-    def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any) -> "ModelConfig":
+    def model_validate_json(cls, json_data: Any, **kwargs: Any) -> "ModelConfig":
         try:
-            return super().model_validate_json(json_data, *args, **kwargs)
+            return super().model_validate_json(json_data, **kwargs)
         except ValidationError as error:
             if error.errors(include_url=False)[0]["type"] == "json_invalid":
                 raise  # not JSON: nothing was validated, and the error is pydantic's own
-            raise _with_suggestions(error, cls, json=True) from None
+            raise _final_error(error, cls, "validate_json", json_data, kwargs) from None
 
     @classmethod
-    def model_validate_strings(cls, obj: Any, *args: Any, **kwargs: Any) -> "ModelConfig":
+    def model_validate_strings(cls, obj: Any, **kwargs: Any) -> "ModelConfig":
         try:
-            return super().model_validate_strings(obj, *args, **kwargs)
+            return super().model_validate_strings(obj, **kwargs)
         except ValidationError as error:
-            raise _with_suggestions(error, cls) from None
+            raise _final_error(error, cls, "validate_strings", obj, kwargs) from None
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        schema = handler(source)
+        if source is cls:
+            _bound_ints(schema)
+        return schema
 
     def _checked(self) -> "ModelConfig":
         """The checks of ``_check`` on an existing instance, without touching its values."""
@@ -532,6 +615,43 @@ def _known_field_names() -> frozenset[str]:
     return frozenset(ModelConfig.model_fields.keys() | BIONEMO_ONLY_FIELDS)
 
 
+@cache
+def _unbounded_validator() -> SchemaValidator:
+    """ModelConfig's validator as it was before ``_bound_ints``: built once an input needs it."""
+    schema = _unbound(ModelConfig.__pydantic_core_schema__)
+    return SchemaValidator(schema, schema["schema"]["config"])
+
+
+def _beyond_bounds(error: ValidationError) -> bool:
+    """Whether pydantic-core refused an integer for the bounds ``_bound_ints`` added."""
+    for item in error.errors(include_url=False):
+        ctx = item.get("ctx") or {}
+        if (item["type"] == "less_than" and ctx.get("lt") == _INT64_END) or (
+            item["type"] == "greater_than_equal" and ctx.get("ge") == _INT64_MIN
+        ):
+            return True
+    return False
+
+
+def _final_error(
+    error: ValidationError, model: type["ModelConfig"], method: str, data: Any, kwargs: dict[str, Any]
+) -> Exception:
+    """The error an entry point raises: with an integer beyond 64 bits, what validating without the
+    bounds reports (every other field error first, the family's fields, then "beyond 64 bits"), as
+    when the after validator checked them; field errors rewritten (``_with_suggestions``)."""
+    if _beyond_bounds(error):
+        token = _UNBOUNDED.set(True)
+        try:
+            getattr(_unbounded_validator(), method)(data, **kwargs)
+        except ValidationError as unbounded_error:
+            error = unbounded_error
+        else:  # pragma: no cover - the after validator refuses what the bounds refused
+            raise AssertionError("an integer beyond 64 bits validated") from error
+        finally:
+            _UNBOUNDED.reset(token)
+    return _with_suggestions(error, model, json=method == "validate_json")
+
+
 MAX_SUGGESTIONS: Final = 20
 """Unknown names that get a "did you mean": each is a difflib search over every field, and a
 document with thousands of unknown keys is not a config with a typo (the rest are still listed)."""
@@ -617,30 +737,10 @@ _FAMILY_CHECKS: Final[dict[str, tuple[Any, ...]]] = {name: _family_checks(name) 
 at their defaults; those fields with their defaults, sorted): what ``_check`` reads for the family."""
 
 
-def _may_hold_int(annotation: Any) -> bool:
-    """Whether a value of this type can be (or hold) an ``int``: all but bool, str and string literals."""
-    if annotation in (bool, str, type(None)):
-        return False
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return not all(isinstance(arg, str) for arg in get_args(annotation))
-    if origin in (Union, UnionType):
-        return any(_may_hold_int(arg) for arg in get_args(annotation))
-    return True
-
-
-_INT_FIELDS: Final[frozenset[str]] = frozenset(
-    name for name, info in ModelConfig.model_fields.items() if _may_hold_int(info.annotation)
-)
-_int_values: Final = operator.itemgetter(*sorted(_INT_FIELDS))
-"""The values of every field that can hold an integer: ``orjson.dumps`` of them refuses an integer
-outside [-2**63, 2**64), exactly what ``_json_int_safe`` refuses."""
 _typed_rules: Final = rules.TypedRules(
     {name: info.get_default(call_default_factory=True) for name, info in ModelConfig.model_fields.items()}
 )
 """``rules.check_rules`` for a validated config, skipping the rule groups its defaults decide."""
-_FEW_FIELDS: Final = 40
-"""Below this many fields set, the 64-bit check reads the set fields; from it on, every int field."""
 
 
 def _list_default(name: str) -> Any:
