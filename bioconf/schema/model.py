@@ -376,7 +376,7 @@ class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
     @classmethod
     def _known_unique_fields(cls, names: list[str]) -> list[str]:
         known = _known_field_names()
-        if len(names) == len(set(names)) and known.issuperset(names):
+        if len(known.intersection(names)) == len(names):  # all known, none twice
             return names
         seen: set[str] = set()
         for index, name in enumerate(names):
@@ -459,15 +459,19 @@ class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
             # pydantic hands an instance back as it is: check it, but apply no family defaults
             # (it has its values already; one built by model_construct keeps its own).
             return obj._checked()
-        try:
-            return super().model_validate(obj, **kwargs)
+        try:  # no options: pydantic's model_validate would only pass them on
+            if kwargs:
+                return super().model_validate(obj, **kwargs)
+            return cls.__pydantic_validator__.validate_python(obj)  # type: ignore[no-any-return]
         except ValidationError as error:
             raise _final_error(error, cls, "validate_python", obj, kwargs) from None
 
     @classmethod
     def model_validate_json(cls, json_data: Any, **kwargs: Any) -> "ModelConfig":
         try:
-            return super().model_validate_json(json_data, **kwargs)
+            if kwargs:
+                return super().model_validate_json(json_data, **kwargs)
+            return cls.__pydantic_validator__.validate_json(json_data)  # type: ignore[no-any-return]
         except ValidationError as error:
             if error.errors(include_url=False)[0]["type"] == "json_invalid":
                 raise  # not JSON: nothing was validated, and the error is pydantic's own
