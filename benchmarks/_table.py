@@ -18,6 +18,18 @@ def median_wall(command: Sequence[str], repeats: int, cwd: str | None = None) ->
     return statistics.median(samples)
 
 
+def median_walls(commands: Sequence[Sequence[str]], repeats: int, cwd: str | None = None) -> list[float]:
+    """``median_wall`` of each command, their runs interleaved (a, b, a, b, ...): on a shared machine a
+    burst of other work then slows both sides of a ratio, not one."""
+    samples: list[list[float]] = [[] for _ in commands]
+    for _ in range(repeats):
+        for command, times in zip(commands, samples, strict=True):
+            start = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True, cwd=cwd)
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in samples]
+
+
 def rate(fn: Callable[[], object], seconds: float = 1.0) -> float:
     """Calls per second of ``fn`` over about ``seconds`` (best of three rounds)."""
     best = 0.0

@@ -1,7 +1,8 @@
 """Schema-layer speed, side by side with what a megatron-based validator pays, in one run.
 
 1. `bioconf validate example.json` in a fresh process vs `python -c "import megatron.core.transformer"`
-   (the import alone, before any validation), median of --repeats each. Target: >= 30x faster.
+   (the import alone, before any validation), median of --repeats each, the runs interleaved.
+   Target: >= 30x faster.
 2. JSON bytes -> ModelConfig (``ModelConfig.model_validate_json``) for a full config (every field
    present) vs constructing megatron's TransformerConfig with the same values. Target: >= 1.5x
    megatron's constructor.
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import orjson
-from _table import median_wall, print_table, rate
+from _table import median_walls, print_table, rate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "pretrain_esm2_small.json"
@@ -43,9 +44,13 @@ def fresh_process(repeats: int) -> None:
     # PYTHONDONTWRITEBYTECODE would recompile bioconf on every start, so compile it once first.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "bioconf")], check=True)
     bioconf = str(Path(sys.executable).with_name("bioconf"))
-    ours = median_wall([bioconf, "validate", str(EXAMPLE)], repeats, cwd=str(ROOT))
-    megatron = median_wall(
-        [sys.executable, "-W", "ignore", "-c", "import megatron.core.transformer"], repeats
+    ours, megatron = median_walls(
+        [
+            [bioconf, "validate", str(EXAMPLE)],
+            [sys.executable, "-W", "ignore", "-c", "import megatron.core.transformer"],
+        ],
+        repeats,
+        cwd=str(ROOT),
     )
     ratio = megatron / ours
     print_table(
