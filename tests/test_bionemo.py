@@ -176,3 +176,15 @@ def test_run_at_tp2_saves_what_bioNeMo_loads_back(written, family, tmp_path):
     assert back["config_class"].replace(":", ".") == source["config_class"]  # BioNeMo's class, not bioconf's
     assert back["sha256"] == source["sha256"]
     assert read_checkpoint_config(saved).class_path == read_checkpoint_config(folder).class_path
+
+
+def test_the_seed_compatible_api_loads_a_bionemo_checkpoint(written, parallel):
+    """As BioNeMo's ``ESM2Config(initial_ckpt_path=...).configure_model(tokenizer)``, without BioNeMo."""
+    from bioconf.runtime.config import ESM2ModelConfig
+
+    folder, source = written["esm2"]
+    config = ESM2ModelConfig(initial_ckpt_path=str(folder), use_cpu_initialization=True)
+    built = config.build_and_load(quiet=True)
+    assert config.num_layers == 2 and config.vocab_size == source["vocab_size"]  # from the checkpoint
+    assert built.settings.class_path == "bionemo.esm2.model.model:ESM2Config"
+    assert digests(built.model) == source["sha256"]

@@ -43,7 +43,7 @@ from pydantic_core import PydanticCustomError
 from bioconf.checkpoint.layout import CONTEXT_DIR, IO_JSON, MODEL_YAML, CheckpointPaths, locate
 from bioconf.errors import CheckpointError, ConfigIssue, issues_from_validation, short_repr
 from bioconf.fs import fsync_path, read_bytes, refuse_existing, replace_directory, write_synced
-from bioconf.schema.families import FAMILY_OF_BIONEMO_CLASS, NOT_IN_BIONEMO_CONFIGS
+from bioconf.schema.families import BIONEMO_FIELDS, FAMILY_OF_BIONEMO_CLASS, NOT_IN_BIONEMO_CONFIGS
 from bioconf.schema.files import loads_json
 from bioconf.schema.megatron_fields import DTYPE_FIELDS, ENUM_FIELDS
 from bioconf.schema.model import BIONEMO_ONLY_FIELDS, ModelConfig
@@ -499,8 +499,10 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
             known[name] = _known_value(name, value, class_path)
         else:
             unknown[_key_text(name)] = _as_data(value)
-    if "model_cls" not in known and class_path in FAMILY_OF_BIONEMO_CLASS:
-        known["model_cls"] = FAMILY_OF_BIONEMO_CLASS[class_path]  # BioNeMo's class default
+    if "model_cls" not in known:
+        known["model_cls"] = _implied_family(class_path, known)
+        if known["model_cls"] is None:
+            del known["model_cls"]
     dropped = _drop_unusable_entries(known)
     try:
         config = ModelConfig.model_validate(known)
@@ -515,6 +517,22 @@ def parse_checkpoint_config(raw: bytes, paths: CheckpointPaths) -> CheckpointCon
         class_is_bioconf=class_path in _runtime_class_paths(),
         dropped=dropped,
     )
+
+
+def _implied_family(class_path: str, known: dict[str, Any]) -> str | None:
+    """The family of a config that leaves ``model_cls`` to its class: a BioNeMo class's own; for a
+    class bioconf does not know (a user's BioBertConfig subclass) that records fields only BioNeMo's
+    families have, the family those fields imply ("biobert", BioNeMo's base, when it has them all)."""
+    if class_path in FAMILY_OF_BIONEMO_CLASS:
+        return FAMILY_OF_BIONEMO_CLASS[class_path]
+    if class_path in _runtime_class_paths():
+        return None  # bioconf's class: ModelConfig's default
+    families: set[str] | None = None
+    for name in known.keys() & BIONEMO_FIELDS.keys():
+        families = set(BIONEMO_FIELDS[name]) if families is None else families & set(BIONEMO_FIELDS[name])
+    if not families:
+        return None
+    return "biobert" if "biobert" in families else sorted(families)[0]
 
 
 _SKIP_PREFIX: Final = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\.?")

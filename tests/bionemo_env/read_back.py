@@ -97,6 +97,15 @@ def cpu_overrides(config: Any) -> None:
     config.apply_rope_fusion = False
     config.persist_layer_norm = False
     config.use_cpu_initialization = True
+    # The weights are this checkpoint's own: a checkpoint saved from a fine-tune records the one it
+    # started from (initial_ckpt_path), which configure_model would load first (and which BioNeMo 2.4.5
+    # cannot read on today's megatron: offload_modules). NeMo's trainer restores this checkpoint's
+    # weights after configure_model; here they are loaded below.
+    config.initial_ckpt_path = None
+    # This process is one rank: a checkpoint saved at TP=2 records tensor_model_parallel_size=2, which a
+    # BioNeMo user loading it on one rank overrides (it would also pad the vocabulary to 128 x 2).
+    config.tensor_model_parallel_size = 1
+    config.pipeline_model_parallel_size = 1
 
 
 def fdl_default(config: Any, name: str) -> Any:
