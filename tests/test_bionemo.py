@@ -188,3 +188,24 @@ def test_the_seed_compatible_api_loads_a_bionemo_checkpoint(written, parallel):
     assert config.num_layers == 2 and config.vocab_size == source["vocab_size"]  # from the checkpoint
     assert built.settings.class_path == "bionemo.esm2.model.model:ESM2Config"
     assert digests(built.model) == source["sha256"]
+
+
+def test_a_bionemo_esm2_checkpoint_converts_to_hugging_face_and_back(written, tmp_path):
+    """BioNeMo's ESM-2 -> transformers' EsmForMaskedLM folder -> NeMo: every weight comes back (the
+    embedding's padding rows aside: HF holds the 33 real tokens, the way back pads with zeros)."""
+    transformers = pytest.importorskip("transformers")
+    from bioconf.convert.esm2 import hf_to_nemo, nemo_to_hf
+
+    folder, source = written["esm2"]
+    hf = nemo_to_hf(folder, tmp_path / "hf", vocab_size=33)
+    model = transformers.EsmForMaskedLM.from_pretrained(hf)
+    assert model.config.vocab_size == 33 and model.config.num_hidden_layers == 2
+    back = hf_to_nemo(hf, tmp_path / "nemo")
+    (ours,) = run(ModelConfig(model_cls="esm2", initial_ckpt_path=str(back)), quiet=True).models
+    (theirs,) = run(ModelConfig(model_cls="esm2", initial_ckpt_path=str(folder)), quiet=True).models
+    vocab = ("embedding.word_embeddings.weight", "output_layer.bias")
+    assert {k: v for k, v in digests(ours).items() if k not in vocab} == {
+        k: v for k, v in source["sha256"].items() if k not in vocab
+    }
+    for key in vocab:
+        assert torch.equal(ours.state_dict()[key][:33], theirs.state_dict()[key][:33]), key
