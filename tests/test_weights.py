@@ -401,10 +401,10 @@ CASES = (
 for case, source, target, gap in CASES:
     ckpt, reference = save_source(case.split("->")[0] + "-" + case, root, GPT, seed=1, **source)
     model = build(layout(GPT, **target), seed=99)
-    if gap is not None:
-        direct.COALESCE_GAP = gap
+    if gap is not None:  # every row of a row-parallel part read on its own, no gap read
+        direct.COALESCE_GAP = direct.ROW_READS_FROM_GAP = gap
     report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [], quiet=True)
-    direct.COALESCE_GAP = 4096
+    direct.COALESCE_GAP, direct.ROW_READS_FROM_GAP = 4096, 64 << 10
     assert same(gathered(model), reference), case
     kept = sum(p.numel() * p.element_size() for p in model.parameters())
     assert report.bytes_kept == kept and report.stock_reads == 0, (case, report)
@@ -417,7 +417,8 @@ dist.destroy_process_group()
 def test_at_tp2_each_rank_reads_only_what_it_keeps(tmp_path):
     """TP=1 -> TP=2 through the direct path (no factories: no gated linear unit): each rank reads
     the bytes it keeps plus the zip records of the items it touches (2 KiB each at most), not a
-    row-parallel weight's whole stored span; with gaps coalesced, at most the span. Bit-exact."""
+    row-parallel weight's whole stored span, when told to read row by row; by default (small gaps),
+    at most the span. Bit-exact."""
     script = tmp_path / "direct_tp2.py"
     script.write_text(DIRECT_TP2)
     result = subprocess.run(
@@ -436,7 +437,7 @@ def test_at_tp2_each_rank_reads_only_what_it_keeps(tmp_path):
     for case in ("tp1->tp2", "tp2->tp1"):  # two items per tensor at TP2->TP1
         read, kept, tensors = rows[case]
         assert kept <= read <= kept + 2048 * tensors * 2, (case, read, kept)  # the records of each item
-    # coalesced: the 512 B gaps between a row-parallel weight's row spans are read too, and no more
+    # by default the 512 B gaps between a row-parallel weight's row spans are read too, and no more
     exact, kept, tensors = rows["tp1->tp2"]
     full = sum(path.stat().st_size for path in (tmp_path / "tp1-tp1->tp2" / "weights").glob("*.distcp"))
     assert exact < rows["tp1->tp2-coalesced"][0] < full
