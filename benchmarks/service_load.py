@@ -249,7 +249,7 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    rows, hostile_rows = [], []
+    rows, hostile_rows, rates = [], [], []
     try:
         wait_until_up(f"{base}/healthz")
         with tempfile.TemporaryDirectory() as scratch:
@@ -279,6 +279,7 @@ def main() -> int:
             for name, connections, path, wrk_args in scenarios:
                 stats = run_wrk(base + path, args.seconds, connections, script, wrk_args)
                 rows.append(_row(name, connections, stats))
+                rates.append(stats["requests"] / stats["seconds"])
             kinds = hostile_requests(port)
             mixes = [("none", [])]
             mixes += [
@@ -299,6 +300,11 @@ def main() -> int:
         "as the server",
         ["scenario", "connections", "requests/s", "p50 ms", "p99 ms", "requests", "failed"],
         rows,
+    )
+    floor, validate = rates[0], rates[1]
+    print(
+        f"\nPOST /v1/validate (valid, 16 connections) at {validate / floor:.0%} of the same server's no-op "
+        f"endpoint (GET /healthz) in this run; target >= 75%\n"
     )
     print_table(
         f"POST /v1/validate, valid config -> 200, while {HOSTILE_CLIENTS} hostile requests run "
