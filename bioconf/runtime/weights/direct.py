@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import stat
 import struct
 import sys
 import threading
@@ -42,7 +41,6 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint import Metadata
 from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
-from bioconf.runtime.weights.plan import shard_path
 from bioconf.runtime.weights.reader import (
     _STORAGE_DTYPES,
     ReadFailure,
@@ -55,6 +53,7 @@ from bioconf.runtime.weights.reader import (
     _TensorPickle,
     _Unsupported,
     one_line,
+    open_shard,
     pread_into,
 )
 
@@ -294,21 +293,7 @@ class DirectLoad:
     def _open(self, relative: str, key: str, files: dict[str, int]) -> int:
         if relative in files:
             return files[relative]
-        where = os.path.join(self.weights, relative)
-        try:
-            resolved = shard_path(self.weights, relative)
-        except ValueError as error:
-            raise ReadFailure("shard_outside", where, str(error), key) from None
-        with _naming(where, key):
-            fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
-            try:
-                regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            except OSError:
-                os.close(fd)
-                raise
-        if not regular:
-            os.close(fd)
-            raise ReadFailure("shard_not_a_file", where, "not a regular file", key)
+        fd = open_shard(self.weights, relative, key)
         files[relative] = fd
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)

@@ -276,19 +276,7 @@ def load_weights_sharded_inplace_nemo2_to_mcore(
         progress = progress_bar(not quiet and rank == 0, f"loading {path.parent.name}")
         if direct:
             bytes_read, bytes_kept, stock_reads = _read_direct(request, metadata, path, progress, source)
-            return LoadReport(
-                checkpoint=source,
-                loaded=request.loaded,
-                skipped=request.skipped,
-                missing=[shown for shown, _ in request.missing],
-                cast=request.cast,
-                bytes_read=bytes_read,
-                bytes_kept=bytes_kept,
-                stock_reads=stock_reads,
-                seconds=time.perf_counter() - start,
-                rank=rank,
-                world_size=dist.get_world_size(),
-            )
+            return _report(request, source, start, bytes_read, stock_reads, bytes_kept)
         strategy = DirectLoadStrategy(metadata, progress, threads=_reader_threads())
         requested = (
             request.state_dicts[0]
@@ -311,15 +299,23 @@ def load_weights_sharded_inplace_nemo2_to_mcore(
                 f"megatron cannot load the weights: {failure}", "unreadable_weights", source=source
             ) from None
         _copy_back(request.state_dicts, loaded)
-        return LoadReport(
-            checkpoint=source,
-            loaded=request.loaded,
-            skipped=request.skipped,
-            missing=[shown for shown, _ in request.missing],
-            cast=request.cast,
-            bytes_read=strategy.bytes_read,
-            stock_reads=strategy.stock_reads,
-            seconds=time.perf_counter() - start,
-            rank=rank,
-            world_size=dist.get_world_size(),
-        )
+        return _report(request, source, start, strategy.bytes_read, strategy.stock_reads)
+
+
+def _report(
+    request: Any, source: str, start: float, bytes_read: int, stock_reads: int, bytes_kept: int = 0
+) -> LoadReport:
+    """What a load did, on this rank (``bytes_kept``: counted by the direct path only)."""
+    return LoadReport(
+        checkpoint=source,
+        loaded=request.loaded,
+        skipped=request.skipped,
+        missing=[shown for shown, _ in request.missing],
+        cast=request.cast,
+        bytes_read=bytes_read,
+        bytes_kept=bytes_kept,
+        stock_reads=stock_reads,
+        seconds=time.perf_counter() - start,
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+    )

@@ -149,6 +149,27 @@ class _TensorPickle(RestrictedUnpickler):
         return _Storage(str(key), _STORAGE_DTYPES[storage_type], int(numel))
 
 
+def open_shard(weights: str, relative: str, key: str) -> int:
+    """A shard's descriptor. Its path is resolved and checked to lie in the weights folder again
+    (the plan checked it before), and opened with O_NOFOLLOW: a link swapped in since is refused."""
+    where = os.path.join(weights, relative)
+    try:
+        resolved = shard_path(weights, relative)
+    except ValueError as error:
+        raise ReadFailure("shard_outside", where, str(error), key) from None
+    with _naming(where, key):
+        fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            os.close(fd)
+            raise
+    if not regular:
+        os.close(fd)
+        raise ReadFailure("shard_not_a_file", where, "not a regular file", key)
+    return fd
+
+
 class _ItemFile(io.RawIOBase):
     """One stored item (a byte range of a .distcp file) as a seekable file, read with pread, so
     threads share one descriptor."""
@@ -375,24 +396,7 @@ class _DirectReader(FileSystemReader):
         return os.path.join(self.path, storage.relative_path)
 
     def _open(self, storage: Any, key: str) -> int:
-        """A shard's descriptor. Its path is resolved and checked to lie in the weights folder again
-        (the plan checked it before), and opened with O_NOFOLLOW: a link swapped in since is refused."""
-        where = self._where(storage)
-        try:
-            resolved = shard_path(str(self.path), storage.relative_path)
-        except ValueError as error:
-            raise ReadFailure("shard_outside", where, str(error), key) from None
-        with _naming(where, key):
-            fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
-            try:
-                regular = stat.S_ISREG(os.fstat(fd).st_mode)
-            except OSError:
-                os.close(fd)
-                raise
-        if not regular:
-            os.close(fd)
-            raise ReadFailure("shard_not_a_file", where, "not a regular file", key)
-        return fd
+        return open_shard(str(self.path), storage.relative_path, key)
 
     def _shape(self, req: ReadItem) -> tuple[int, ...]:
         """The shape the index gives the stored chunk ``req`` reads from."""
