@@ -49,7 +49,7 @@ demo: $(STAMP)
 	$(VENV)/bin/bioconf demo
 
 bench: $(STAMP)
-	cd benchmarks && for script in schema_speed checkpoint_config_speed weights_speed; do ../$(PY) $$script.py || exit 1; done
+	cd benchmarks && for script in schema_speed checkpoint_config_speed weights_speed service_load; do ../$(PY) $$script.py || exit 1; done
 
 # Regenerate bioconf/schema/megatron_fields.py from the installed megatron-core.
 schema-table: $(STAMP)
