@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from weights_speed import (  # first: it imports megatron with its notices silen
     checkpoint_path,
     file_read,
     measure,
+    memory_read,
     same_weights,
     seed_load,
 )
@@ -34,13 +36,22 @@ from bioconf.runtime.build import build_model
 from bioconf.runtime.config import materialize
 
 
-def rank0_file_read(model, ckpt: Path) -> None:
-    """The limit stays one process reading every file once; the other ranks wait at the barrier."""
-    if dist.get_rank() == 0:
-        file_read(model, ckpt)
+def on_rank0(read: Callable[[object, Path], None]) -> Callable[[object, Path], None]:
+    """A limit stays one process reading every file once; the other ranks wait at the barrier."""
+
+    def rank0_read(model, ckpt: Path) -> None:
+        if dist.get_rank() == 0:
+            read(model, ckpt)
+
+    return rank0_read
 
 
-METHODS = {"seed": seed_load, "bioconf": bioconf_load, "file read": rank0_file_read}
+METHODS = {
+    "seed": seed_load,
+    "bioconf": bioconf_load,
+    "file read": on_rank0(file_read),
+    "read into memory": on_rank0(memory_read),
+}
 
 
 def main() -> None:

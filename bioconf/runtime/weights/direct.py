@@ -8,12 +8,16 @@ tile each tensor, files that are long enough); what is left here is reading:
 1. each stored item this rank needs is located: its head and tail (the zip records ``torch.save``
    wrote around the tensor's bytes) are read and parsed (``_fast_layout``), or, for anything that
    parser does not expect, parsed by ``reader._item_layout`` (zipfile) as before;
-2. the part of each stored chunk the rank keeps becomes runs of bytes (``_runs``): a dense region is
-   one run straight into the target tensor, a column block of a row-major tensor (a row-parallel
-   weight at TP > 1) one run per row, so that a rank reads only the bytes it keeps;
+2. the part of each stored chunk the rank keeps becomes reads (``_runs``): a dense region is one run
+   straight into the target tensor; a column block of a row-major tensor (a row-parallel weight at
+   TP > 1) is ``_Rows``, read in place by ``preadv`` calls whose vectors alternate the target's rows
+   and a discard buffer for the bytes between them (or, where those gaps are long, one run per row,
+   so that a rank reads only the bytes it keeps);
 3. the runs of each file are sorted and coalesced into ``preadv`` calls (gaps within an item under
    ``COALESCE_GAP`` bytes are read into a discard buffer: fewer system calls), split into pieces of
-   about ``PIECE`` bytes, read by a thread pool.
+   about ``PIECE`` bytes; the pieces, in file order, are cut into one contiguous stream per reader
+   thread, so that each thread reads its part of the files front to back (the kernel's readahead
+   sees a sequential reader: on a cold page cache this is what makes the disk the limit).
 
 Targets that cannot be written in place (another dtype, not in host memory, not contiguous) are
 read into a per-thread scratch buffer and copied. A load takes this path when every rank's request
@@ -23,6 +27,7 @@ is plain ShardedTensors in plain stored items (``eligible``); otherwise megatron
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -61,11 +66,11 @@ COALESCE_GAP = 4096
 """Gaps between two runs of one file shorter than this are read (into a discard buffer) rather than
 skipped with another system call: a page, the alignment of what the kernel reads anyway."""
 ROW_READS_FROM_GAP = 64 << 10
-"""A strided region (a row-parallel weight's part: one span per row) is read row by row only when
-the gaps between its rows are at least this long; otherwise its whole stored span is read at once
-and the rows copied out. Each row read costs ~10 us of Python bookkeeping here, the time to read
-~100 KB from the page cache (measured at TP=2: per-row reads of 8 KiB gaps made the 614 MB load
-3.5x slower than reading the span), so only large gaps (high TP) are worth skipping."""
+"""A strided region (a row-parallel weight's part: one span per row) is read with a system call per
+row, skipping the gaps, only when the gaps between its rows are at least this long; shorter gaps are
+read into a discard buffer by the same ``preadv`` call as the rows around them. A row read on its
+own costs ~10 us of Python bookkeeping, the time to read ~100 KB from the page cache, so only large
+gaps (high TP) are worth skipping; a gap under a page saves no disk or page-cache work anyway."""
 PIECE = 16 << 20
 """About how many bytes one ``preadv`` job reads: large sequential reads, enough jobs for the
 threads."""
@@ -96,12 +101,27 @@ def eligible(state_dicts: Iterable[dict[str, Any]], metadata: Metadata, needed: 
 
 @dataclass
 class _Run:
-    """``length`` bytes at ``offset`` of a file into ``dest`` (a byte memoryview), or into scratch
-    when ``dest`` is None (``job`` then copies them out)."""
+    """``length`` bytes at ``offset`` of a file into ``dest`` (a byte memoryview)."""
 
     offset: int
     length: int
-    dest: memoryview | None
+    dest: memoryview
+
+
+@dataclass
+class _Rows:
+    """``count`` rows of ``length`` bytes, ``pitch`` bytes apart from ``offset`` in a file, into the
+    consecutive ``length``-byte pieces of ``dest``."""
+
+    offset: int
+    length: int
+    pitch: int
+    count: int
+    dest: memoryview
+
+    def span(self, first: int, count: int) -> tuple[int, int]:
+        """File offset and length of rows ``first`` to ``first + count``, the gaps between them included."""
+        return self.offset + first * self.pitch, (count - 1) * self.pitch + self.length
 
 
 @dataclass
@@ -118,7 +138,23 @@ class _Region:
     dest: torch.Tensor  # the target's view of the region
     layout: _TensorLayout | None = None
     runs: list[_Run] = field(default_factory=list)
+    rows: _Rows | None = None
     staged: tuple[int, int] | None = None  # (file offset, nbytes) read into scratch, then copied
+
+
+@dataclass
+class _Job:
+    """One piece of a stream: bytes ``start`` to ``end`` of a file. ``kind`` says how they land:
+    "runs" (``group``: runs with the regions they belong to), "rows" (``rows`` ``first`` to
+    ``first + count`` of ``region``) or "staged" (``region``'s span into scratch, then copied)."""
+
+    kind: str
+    region: _Region  # the one an error names
+    start: int
+    end: int
+    group: list[tuple[_Run, _Region]] = field(default_factory=list)
+    first: int = 0
+    count: int = 0
 
 
 @lru_cache(maxsize=256)
@@ -237,8 +273,8 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 def _runs(region: _Region, layout: _TensorLayout) -> None:
-    """The byte runs of ``region`` in its file: straight into the target where the stored and the
-    target layouts agree on a contiguous inner block, else one staged span copied afterwards."""
+    """How ``region`` is read: straight into the target where the stored and the target layouts agree
+    on a contiguous inner block (runs, or rows), else one staged span copied afterwards."""
     lengths, stride, itemsize = region.lengths, layout.stride, layout.dtype.itemsize
     first = layout.storage_offset + sum(o * s for o, s in zip(region.src_offsets, stride))
     dest = region.dest
@@ -249,25 +285,21 @@ def _runs(region: _Region, layout: _TensorLayout) -> None:
         step *= lengths[inner - 1]
         inner -= 1
     dims = [d for d in range(inner) if lengths[d] > 1]
-    strided_small_gaps = len(dims) == 1 and (stride[dims[0]] - step) * itemsize < ROW_READS_FROM_GAP
-    if (
-        not direct
-        or len(dims) > 1
-        or strided_small_gaps
-        or (dims and (dest.dim() == 0 or not dest.is_contiguous()))
-    ):
+    base = layout.data_offset + first * itemsize
+    if not direct or len(dims) > 1 or (dims and dest.dim() == 0):
         span = 1 + sum((n - 1) * s for n, s in zip(lengths, stride))
-        region.staged = (layout.data_offset + first * itemsize, span * itemsize)
+        region.staged = (base, span * itemsize)
         return
-    view = _byte_view(dest)
-    run = step * itemsize
+    view, run = _byte_view(dest), step * itemsize
     if not dims:
-        region.runs.append(_Run(layout.data_offset + first * itemsize, run, view))
+        region.runs.append(_Run(base, run, view))
         return
     (d,) = dims
-    base = layout.data_offset + first * itemsize
-    row = stride[d] * itemsize
-    region.runs.extend(_Run(base + i * row, run, view[i * run : (i + 1) * run]) for i in range(lengths[d]))
+    pitch = stride[d] * itemsize
+    if pitch - run < ROW_READS_FROM_GAP:
+        region.rows = _Rows(base, run, pitch, lengths[d], view)
+        return
+    region.runs.extend(_Run(base + i * pitch, run, view[i * run : (i + 1) * run]) for i in range(lengths[d]))
 
 
 def _copy_staged(region: _Region, buffer: torch.Tensor) -> None:
@@ -287,6 +319,7 @@ class DirectLoad:
         self.failures: list[Any] = []
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._chunk_index: dict[tuple[str, int], dict[tuple[int, ...], list[Any]]] = {}
 
     # -- planning ---------------------------------------------------------------------------------
 
@@ -299,6 +332,17 @@ class DirectLoad:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
 
+    def _chunks(self, key: str, chunks: list[Any], stacked: int) -> dict[tuple[int, ...], list[Any]]:
+        """The stored chunks of ``key`` by their offsets on the ``stacked`` leading axes (a layer's
+        index, for a key megatron stacks over layers): a layer's tensor looks only at its layer's
+        chunks, not at every layer's."""
+        index = self._chunk_index.get((key, stacked))
+        if index is None:
+            index = self._chunk_index[key, stacked] = {}
+            for chunk in chunks:
+                index.setdefault(tuple(chunk.offsets[:stacked]), []).append(chunk)
+        return index
+
     def _regions(self, tensors: list[ShardedTensor], files: dict[str, int]) -> list[_Region]:
         stored, storage = self.metadata.state_dict_metadata, self.metadata.storage_data
         regions = []
@@ -310,7 +354,7 @@ class DirectLoad:
                 target = target.unsqueeze(0)
             offsets = tuple(tensor.global_offset)
             lengths = (1,) * p + tuple(tensor.local_shape)
-            for chunk in entry.chunks:
+            for chunk in self._chunks(tensor.key, entry.chunks, p).get(offsets[:p], ()):
                 lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
                 hi = [min(o + n, c + m) for o, n, c, m in zip(offsets, lengths, chunk.offsets, chunk.sizes)]
                 if any(a >= b for a, b in zip(lo, hi)):
@@ -393,18 +437,26 @@ class DirectLoad:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _jobs(self, regions: list[_Region]) -> list[tuple[Any, ...]]:
-        """``preadv`` jobs: per file, runs sorted and coalesced; staged regions one job each."""
-        jobs: list[tuple[Any, ...]] = []
+    def _jobs(self, regions: list[_Region]) -> list[_Job]:
+        """Every read of the load in file order: per file, runs sorted and coalesced; rows and staged
+        spans cut to about PIECE bytes."""
+        jobs: list[_Job] = []
         by_file: dict[int, list[tuple[_Run, _Region]]] = {}
         for region in regions:
-            itemsize = region.layout.dtype.itemsize if region.layout else 1
-            self.bytes_kept += math.prod(region.lengths) * itemsize
+            assert region.layout is not None
+            self.bytes_kept += math.prod(region.lengths) * region.layout.dtype.itemsize
             if region.staged is not None:
-                jobs.append(("staged", region))
-                continue
+                offset, nbytes = region.staged
+                jobs.append(_Job("staged", region, offset, offset + nbytes))
+            elif region.rows is not None:
+                rows = region.rows
+                per_job = max(1, min(PIECE // rows.pitch, rows.count))
+                for first in range(0, rows.count, per_job):
+                    count = min(per_job, rows.count - first)
+                    offset, nbytes = rows.span(first, count)
+                    jobs.append(_Job("rows", region, offset, offset + nbytes, first=first, count=count))
             by_file.setdefault(region.fd, []).extend((run, region) for run in region.runs)
-        for fd, runs in by_file.items():
+        for runs in by_file.values():
             runs.sort(key=lambda pair: pair[0].offset)
             group: list[tuple[_Run, _Region]] = []
             start = end = size = 0
@@ -418,7 +470,7 @@ class DirectLoad:
                         or len(group) >= _IOV_MAX // 2
                         or region.item is not group[-1][1].item  # its zip records were read already
                     ):
-                        jobs.append(("runs", fd, start, end, group))
+                        jobs.append(_Job("runs", group[0][1], start, end, group))
                         group = []
                     if not group:
                         start = end = piece.offset
@@ -427,7 +479,8 @@ class DirectLoad:
                     end = piece.offset + piece.length
                     size += piece.length
             if group:
-                jobs.append(("runs", fd, start, end, group))
+                jobs.append(_Job("runs", group[0][1], start, end, group))
+        jobs.sort(key=lambda job: (job.region.where, job.start))
         return jobs
 
     def _discard(self, n: int) -> memoryview:
@@ -442,72 +495,78 @@ class DirectLoad:
             buffer = self._local.scratch = torch.empty(n, dtype=torch.uint8)
         return buffer[:n]
 
-    def _job(self, job: tuple[Any, ...]) -> int:
-        if job[0] == "staged":
-            region = job[1]
-            offset, nbytes = region.staged
-            with _naming(region.where, region.key):
-                buffer = self._scratch(nbytes)
-                if pread_into(region.fd, memoryview(buffer.numpy()), offset) != nbytes:
-                    raise _Corrupt(f"the file ends inside the item, before byte {offset + nbytes:,}")
+    def _job(self, job: _Job) -> int:
+        """Read one job; the bytes asked of the kernel."""
+        region = job.region
+        with _naming(region.where, region.key):
+            if job.kind == "staged":
+                buffer = self._scratch(job.end - job.start)
+                _fill(region.fd, [memoryview(buffer.numpy())], job.start)
                 _copy_staged(region, buffer)
-            return nbytes
-        _, fd, start, end, group = job
-        vectors: list[memoryview] = []
-        position = start
-        for run, _ in group:
-            if run.offset > position:
-                vectors.append(self._discard(run.offset - position))
-            vectors.append(run.dest)
-            position = run.offset + run.length
-        done = 0
-        while vectors:
+            elif job.kind == "rows":
+                rows = region.rows
+                assert rows is not None
+                gap = self._discard(rows.pitch - rows.length)
+                for first in range(job.first, job.first + job.count, _IOV_MAX // 2):
+                    count = min(_IOV_MAX // 2, job.first + job.count - first)
+                    vectors = []
+                    for i in range(first, first + count):
+                        vectors.append(rows.dest[i * rows.length : (i + 1) * rows.length])
+                        vectors.append(gap)
+                    vectors.pop()  # nothing is read after the last row
+                    _fill(region.fd, vectors, rows.span(first, count)[0])
+            else:
+                vectors, position = [], job.start
+                for run, _ in job.group:
+                    if run.offset > position:
+                        vectors.append(self._discard(run.offset - position))
+                    vectors.append(run.dest)
+                    position = run.offset + run.length
+                _fill(region.fd, vectors, job.start)
+        return job.end - job.start
+
+    def _stream(self, jobs: list[_Job], stop: threading.Event) -> None:
+        """One reader thread's share of the jobs, front to back; stops early once a read has failed."""
+        for job in jobs:
+            if stop.is_set():
+                return
             try:
-                n = os.preadv(fd, vectors, start + done)
-            except OSError as error:
-                region = group[0][1]
-                with _naming(region.where, region.key):
-                    raise error from None
-            if n == 0:
-                region = group[0][1]
-                with _naming(region.where, region.key):
-                    raise _Corrupt(f"the file ends at byte {start + done:,}, inside the item")
-            done += n
-            while vectors and n >= len(vectors[0]):
-                n -= len(vectors[0])
-                vectors.pop(0)
-            if vectors and n:
-                vectors[0] = vectors[0][n:]
-        return end - start
+                n = self._job(job)
+            except BaseException:
+                stop.set()
+                raise
+            with self._lock:
+                self.bytes_read += n
+                if self.progress is not None:
+                    self.progress.update(n)
 
     def run(self, tensors: list[ShardedTensor]) -> None:
         """Read every tensor; a failure is kept in ``failures`` (a ReadFailure, or another
         exception) for the caller to agree on across ranks."""
         files: dict[str, int] = {}
         try:
-            regions = self._locate(self._regions(tensors, files))
-            jobs = self._jobs(regions)
-            total = sum(job[3] - job[2] if job[0] == "runs" else job[1].staged[1] for job in jobs)
+            regions = self._regions(tensors, files)
+            # The kernel is told every byte range this rank will read before the first read, by a
+            # reader thread while this one parses the items' records: on a cold page cache the disk
+            # then reads each file front to back, and the records' small reads do not each wait for
+            # a seek (measured: ~20% faster cold, the same warm).
+            advice = _pool(self.threads).submit(_will_need, regions)
+            try:
+                regions = self._locate(regions)
+                jobs = self._jobs(regions)
+            finally:
+                futures.wait([advice])  # before the files close
             if self.progress is not None:
-                self.progress.reset(total=total)
-            if self.threads <= 1 or len(jobs) <= 1:
-                for job in jobs:
-                    self.bytes_read += self._job(job)
-                    if self.progress is not None:
-                        self.progress.update(job[3] - job[2] if job[0] == "runs" else job[1].staged[1])
+                self.progress.reset(total=sum(job.end - job.start for job in jobs))
+            streams, stop = _streams(jobs, self.threads), threading.Event()
+            if len(streams) <= 1:
+                for stream in streams:
+                    self._stream(stream, stop)
             else:
-                pending = [_pool(self.threads).submit(self._job, job) for job in jobs]
-                try:
-                    for done in pending:
-                        n = done.result()
-                        self.bytes_read += n
-                        if self.progress is not None:
-                            self.progress.update(n)
-                except BaseException:
-                    for job in pending:  # reads not started yet: the load has failed
-                        job.cancel()
-                    futures.wait(pending)  # none still writes into a target once this returns
-                    raise
+                pending = [_pool(self.threads).submit(self._stream, stream, stop) for stream in streams]
+                futures.wait(pending)  # none still writes into a target once this returns
+                for done in pending:
+                    done.result()
         except ReadFailure as failure:
             self.failures.append(failure)
         except Exception as error:
@@ -515,6 +574,49 @@ class DirectLoad:
         finally:
             for fd in files.values():
                 os.close(fd)
+
+
+def _will_need(regions: list[_Region]) -> None:
+    """``POSIX_FADV_WILLNEED`` for the stored items of ``regions``, adjacent ones merged, in file order."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    spans = sorted({(region.fd, region.item.offset, region.item.length) for region in regions})
+    fd = start = end = -1
+    for next_fd, offset, length in [*spans, (-1, -1, 0)]:
+        if next_fd == fd and offset <= end:
+            end = max(end, offset + length)
+            continue
+        if fd >= 0:
+            with contextlib.suppress(OSError):  # advice: a file system may not take it
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        fd, start, end = next_fd, offset, offset + length
+
+
+def _fill(fd: int, vectors: list[memoryview], offset: int) -> None:
+    """``preadv`` until every vector is full; a file that ends first is damaged."""
+    done = 0
+    while vectors:
+        n = os.preadv(fd, vectors, offset + done)
+        if n == 0:
+            raise _Corrupt(f"the file ends at byte {offset + done:,}, inside the item")
+        done += n
+        while vectors and n >= len(vectors[0]):
+            n -= len(vectors[0])
+            vectors.pop(0)
+        if vectors and n:
+            vectors[0] = vectors[0][n:]
+
+
+def _streams(jobs: list[_Job], threads: int) -> list[list[_Job]]:
+    """The jobs (in file order) cut into at most ``threads`` contiguous streams of about equal bytes."""
+    total = sum(job.end - job.start for job in jobs)
+    count = max(1, min(threads, len(jobs)))
+    streams: list[list[_Job]] = [[] for _ in range(count)]
+    done = 0
+    for job in jobs:
+        streams[min(count - 1, done * count // max(total, 1))].append(job)
+        done += job.end - job.start
+    return [stream for stream in streams if stream]
 
 
 _POOLS: dict[int, futures.ThreadPoolExecutor] = {}
@@ -534,7 +636,7 @@ def _pool(threads: int) -> futures.ThreadPoolExecutor:
 
 def _split(run: _Run) -> Iterable[_Run]:
     """A run longer than PIECE in pieces, so that threads share a large tensor."""
-    if run.length <= PIECE or run.dest is None:
+    if run.length <= PIECE:
         yield run
         return
     for start in range(0, run.length, PIECE):
