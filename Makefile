@@ -48,8 +48,13 @@ fuzz: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bioconf demo
 
+# Each script prints its tables; the rows of the speed targets are collected and printed last.
+BENCH_RECORD := $(CURDIR)/.bench-targets.jsonl
 bench: $(STAMP)
-	cd benchmarks && for script in schema_speed checkpoint_config_speed weights_speed service_load; do ../$(PY) $$script.py || exit 1; done
+	rm -f $(BENCH_RECORD)
+	cd benchmarks && for script in schema_speed checkpoint_config_speed weights_speed service_load; do \
+		BIOCONF_BENCH_RECORD=$(BENCH_RECORD) ../$(PY) $$script.py || exit 1; done
+	cd benchmarks && ../$(PY) summary.py $(BENCH_RECORD)
 
 # Regenerate bioconf/schema/megatron_fields.py from the installed megatron-core.
 schema-table: $(STAMP)

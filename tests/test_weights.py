@@ -402,9 +402,9 @@ for case, source, target, gap in CASES:
     ckpt, reference = save_source(case.split("->")[0] + "-" + case, root, GPT, seed=1, **source)
     model = build(layout(GPT, **target), seed=99)
     if gap is not None:  # every row of a row-parallel part read on its own, no gap read
-        direct.COALESCE_GAP = direct.ROW_READS_FROM_GAP = gap
+        direct.ROW_READS_FROM_GAP = gap
     report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [], quiet=True)
-    direct.COALESCE_GAP, direct.ROW_READS_FROM_GAP = 4096, 64 << 10
+    direct.ROW_READS_FROM_GAP = 64 << 10
     assert same(gathered(model), reference), case
     kept = sum(p.numel() * p.element_size() for p in model.parameters())
     assert report.bytes_kept == kept and report.stock_reads == 0, (case, report)

@@ -8,16 +8,15 @@ tile each tensor, files that are long enough); what is left here is reading:
 1. each stored item this rank needs is located: its head and tail (the zip records ``torch.save``
    wrote around the tensor's bytes) are read and parsed (``_fast_layout``), or, for anything that
    parser does not expect, parsed by ``reader._item_layout`` (zipfile) as before;
-2. the part of each stored chunk the rank keeps becomes reads (``_runs``): a dense region is one run
-   straight into the target tensor; a column block of a row-major tensor (a row-parallel weight at
-   TP > 1) is ``_Rows``, read in place by ``preadv`` calls whose vectors alternate the target's rows
-   and a discard buffer for the bytes between them (or, where those gaps are long, one run per row,
-   so that a rank reads only the bytes it keeps);
-3. the runs of each file are sorted and coalesced into ``preadv`` calls (gaps within an item under
-   ``COALESCE_GAP`` bytes are read into a discard buffer: fewer system calls), split into pieces of
-   about ``PIECE`` bytes; the pieces, in file order, are cut into one contiguous stream per reader
-   thread, so that each thread reads its part of the files front to back (the kernel's readahead
-   sees a sequential reader: on a cold page cache this is what makes the disk the limit).
+2. the part of each stored chunk the rank keeps is planned as a read into the target (``_plan_read``):
+   a dense region is one span straight into the target tensor; a column block of a row-major tensor
+   (a row-parallel weight at TP > 1) is ``_Rows``, read in place by ``preadv`` calls whose vectors
+   alternate the target's rows and a discard buffer for the bytes between them (where those gaps are
+   long, a call per row, so that the rank reads only the bytes it keeps);
+3. the reads, cut into pieces of about ``PIECE`` bytes and put in file order, are cut into one
+   contiguous stream per reader thread, so that each thread reads its part of the files front to
+   back: the kernel's readahead sees sequential readers (on a cold page cache that is what makes the
+   disk the limit), told beforehand of every item the rank reads (``POSIX_FADV_WILLNEED``).
 
 Targets that cannot be written in place (another dtype, not in host memory, not contiguous) are
 read into a per-thread scratch buffer and copied. A load takes this path when every rank's request
@@ -37,7 +36,7 @@ import threading
 import zlib
 from collections.abc import Iterable
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -62,15 +61,12 @@ from bioconf.runtime.weights.reader import (
     pread_into,
 )
 
-COALESCE_GAP = 4096
-"""Gaps between two runs of one file shorter than this are read (into a discard buffer) rather than
-skipped with another system call: a page, the alignment of what the kernel reads anyway."""
 ROW_READS_FROM_GAP = 64 << 10
 """A strided region (a row-parallel weight's part: one span per row) is read with a system call per
 row, skipping the gaps, only when the gaps between its rows are at least this long; shorter gaps are
-read into a discard buffer by the same ``preadv`` call as the rows around them. A row read on its
-own costs ~10 us of Python bookkeeping, the time to read ~100 KB from the page cache, so only large
-gaps (high TP) are worth skipping; a gap under a page saves no disk or page-cache work anyway."""
+read into a discard buffer by the same ``preadv`` call as the rows around them. A call of its own
+costs a row ~2 us here, the time to copy ~16 KB from the page cache, and a gap under a page or two
+saves no disk work (readahead reads it anyway), so only large gaps (high TP) are worth skipping."""
 PIECE = 16 << 20
 """About how many bytes one ``preadv`` job reads: large sequential reads, enough jobs for the
 threads."""
@@ -97,15 +93,6 @@ def eligible(state_dicts: Iterable[dict[str, Any]], metadata: Metadata, needed: 
         if index.fqn in needed and info.transform_descriptors:
             return False
     return True
-
-
-@dataclass
-class _Run:
-    """``length`` bytes at ``offset`` of a file into ``dest`` (a byte memoryview)."""
-
-    offset: int
-    length: int
-    dest: memoryview
 
 
 @dataclass
@@ -137,22 +124,22 @@ class _Region:
     lengths: tuple[int, ...]
     dest: torch.Tensor  # the target's view of the region
     layout: _TensorLayout | None = None
-    runs: list[_Run] = field(default_factory=list)
-    rows: _Rows | None = None
+    dense: tuple[int, memoryview] | None = None  # (file offset, the target's bytes): read in place
+    rows: _Rows | None = None  # read in place
     staged: tuple[int, int] | None = None  # (file offset, nbytes) read into scratch, then copied
 
 
 @dataclass
 class _Job:
-    """One piece of a stream: bytes ``start`` to ``end`` of a file. ``kind`` says how they land:
-    "runs" (``group``: runs with the regions they belong to), "rows" (``rows`` ``first`` to
-    ``first + count`` of ``region``) or "staged" (``region``'s span into scratch, then copied)."""
+    """One read of a stream: bytes ``start`` to ``end`` of ``region``'s file. ``kind`` says how they
+    land: "bytes" (into ``dest``), "rows" (rows ``first`` to ``first + count`` of ``region.rows``) or
+    "staged" (``region``'s span into scratch, then copied)."""
 
     kind: str
-    region: _Region  # the one an error names
+    region: _Region
     start: int
     end: int
-    group: list[tuple[_Run, _Region]] = field(default_factory=list)
+    dest: memoryview | None = None
     first: int = 0
     count: int = 0
 
@@ -272,9 +259,9 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
 
 
-def _runs(region: _Region, layout: _TensorLayout) -> None:
+def _plan_read(region: _Region, layout: _TensorLayout) -> None:
     """How ``region`` is read: straight into the target where the stored and the target layouts agree
-    on a contiguous inner block (runs, or rows), else one staged span copied afterwards."""
+    on a contiguous inner block (dense, or rows), else one staged span copied afterwards."""
     lengths, stride, itemsize = region.lengths, layout.stride, layout.dtype.itemsize
     first = layout.storage_offset + sum(o * s for o, s in zip(region.src_offsets, stride))
     dest = region.dest
@@ -292,14 +279,10 @@ def _runs(region: _Region, layout: _TensorLayout) -> None:
         return
     view, run = _byte_view(dest), step * itemsize
     if not dims:
-        region.runs.append(_Run(base, run, view))
+        region.dense = (base, view)
         return
     (d,) = dims
-    pitch = stride[d] * itemsize
-    if pitch - run < ROW_READS_FROM_GAP:
-        region.rows = _Rows(base, run, pitch, lengths[d], view)
-        return
-    region.runs.extend(_Run(base + i * pitch, run, view[i * run : (i + 1) * run]) for i in range(lengths[d]))
+    region.rows = _Rows(base, run, stride[d] * itemsize, lengths[d], view)
 
 
 def _copy_staged(region: _Region, buffer: torch.Tensor) -> None:
@@ -394,7 +377,7 @@ class DirectLoad:
                 if layout.size != region.shape:
                     raise _Corrupt(f"holds a tensor of {layout.size}, the index says {region.shape}")
             region.layout = layout
-            _runs(region, layout)
+            _plan_read(region, layout)
             planned.append(region)
         return planned
 
@@ -438,55 +421,34 @@ class DirectLoad:
     # -- reading ----------------------------------------------------------------------------------
 
     def _jobs(self, regions: list[_Region]) -> list[_Job]:
-        """Every read of the load in file order: per file, runs sorted and coalesced; rows and staged
-        spans cut to about PIECE bytes."""
+        """Every read of the load, in file order, cut to about PIECE bytes (so that threads share a
+        large tensor)."""
         jobs: list[_Job] = []
-        by_file: dict[int, list[tuple[_Run, _Region]]] = {}
         for region in regions:
             assert region.layout is not None
             self.bytes_kept += math.prod(region.lengths) * region.layout.dtype.itemsize
-            if region.staged is not None:
-                offset, nbytes = region.staged
-                jobs.append(_Job("staged", region, offset, offset + nbytes))
+            if region.dense is not None:
+                offset, view = region.dense
+                for at in range(0, len(view), PIECE):
+                    piece = view[at : at + PIECE]
+                    jobs.append(_Job("bytes", region, offset + at, offset + at + len(piece), piece))
             elif region.rows is not None:
                 rows = region.rows
-                per_job = max(1, min(PIECE // rows.pitch, rows.count))
+                per_job = max(1, PIECE // rows.pitch)
                 for first in range(0, rows.count, per_job):
                     count = min(per_job, rows.count - first)
                     offset, nbytes = rows.span(first, count)
                     jobs.append(_Job("rows", region, offset, offset + nbytes, first=first, count=count))
-            by_file.setdefault(region.fd, []).extend((run, region) for run in region.runs)
-        for runs in by_file.values():
-            runs.sort(key=lambda pair: pair[0].offset)
-            group: list[tuple[_Run, _Region]] = []
-            start = end = size = 0
-            for run, region in runs:
-                for piece in _split(run):
-                    gap = piece.offset - end
-                    if group and (
-                        gap < 0
-                        or gap >= COALESCE_GAP
-                        or size >= PIECE
-                        or len(group) >= _IOV_MAX // 2
-                        or region.item is not group[-1][1].item  # its zip records were read already
-                    ):
-                        jobs.append(_Job("runs", group[0][1], start, end, group))
-                        group = []
-                    if not group:
-                        start = end = piece.offset
-                        size = 0
-                    group.append((piece, region))
-                    end = piece.offset + piece.length
-                    size += piece.length
-            if group:
-                jobs.append(_Job("runs", group[0][1], start, end, group))
+            elif region.staged is not None:
+                offset, nbytes = region.staged
+                jobs.append(_Job("staged", region, offset, offset + nbytes))
         jobs.sort(key=lambda job: (job.region.where, job.start))
         return jobs
 
     def _discard(self, n: int) -> memoryview:
         buffer = getattr(self._local, "discard", None)
         if buffer is None or len(buffer) < n:
-            buffer = self._local.discard = memoryview(bytearray(max(n, COALESCE_GAP)))
+            buffer = self._local.discard = memoryview(bytearray(n))
         return buffer[:n]
 
     def _scratch(self, n: int) -> torch.Tensor:
@@ -506,6 +468,14 @@ class DirectLoad:
             elif job.kind == "rows":
                 rows = region.rows
                 assert rows is not None
+                if rows.pitch - rows.length >= ROW_READS_FROM_GAP:  # a call per row, the gaps skipped
+                    for i in range(job.first, job.first + job.count):
+                        _fill(
+                            region.fd,
+                            [rows.dest[i * rows.length : (i + 1) * rows.length]],
+                            rows.span(i, 1)[0],
+                        )
+                    return job.count * rows.length
                 gap = self._discard(rows.pitch - rows.length)
                 for first in range(job.first, job.first + job.count, _IOV_MAX // 2):
                     count = min(_IOV_MAX // 2, job.first + job.count - first)
@@ -516,13 +486,8 @@ class DirectLoad:
                     vectors.pop()  # nothing is read after the last row
                     _fill(region.fd, vectors, rows.span(first, count)[0])
             else:
-                vectors, position = [], job.start
-                for run, _ in job.group:
-                    if run.offset > position:
-                        vectors.append(self._discard(run.offset - position))
-                    vectors.append(run.dest)
-                    position = run.offset + run.length
-                _fill(region.fd, vectors, job.start)
+                assert job.dest is not None
+                _fill(region.fd, [job.dest], job.start)
         return job.end - job.start
 
     def _stream(self, jobs: list[_Job], stop: threading.Event) -> None:
@@ -538,7 +503,7 @@ class DirectLoad:
             with self._lock:
                 self.bytes_read += n
                 if self.progress is not None:
-                    self.progress.update(n)
+                    self.progress.update(job.end - job.start)
 
     def run(self, tensors: list[ShardedTensor]) -> None:
         """Read every tensor; a failure is kept in ``failures`` (a ReadFailure, or another
@@ -632,16 +597,6 @@ def _pool(threads: int) -> futures.ThreadPoolExecutor:
                 max_workers=threads, thread_name_prefix="bioconf-read"
             )
         return _POOLS[threads]
-
-
-def _split(run: _Run) -> Iterable[_Run]:
-    """A run longer than PIECE in pieces, so that threads share a large tensor."""
-    if run.length <= PIECE:
-        yield run
-        return
-    for start in range(0, run.length, PIECE):
-        n = min(PIECE, run.length - start)
-        yield _Run(run.offset + start, n, run.dest[start : start + n])
 
 
 def picklable(error: BaseException) -> Any:
