@@ -302,6 +302,7 @@ class DirectLoad:
         self.failures: list[Any] = []
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._where: dict[str, str] = {}  # a shard's path, by its name in the index
         self._chunk_index: dict[tuple[str, int], dict[tuple[int, ...], list[Any]]] = {}
 
     # -- planning ---------------------------------------------------------------------------------
@@ -311,6 +312,7 @@ class DirectLoad:
             return files[relative]
         fd = open_shard(self.weights, relative, key)
         files[relative] = fd
+        self._where[relative] = os.path.join(self.weights, relative)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return fd
@@ -344,12 +346,17 @@ class DirectLoad:
                     continue
                 info = storage[MetadataIndex(tensor.key, torch.Size(chunk.offsets))]
                 fd = self._open(info.relative_path, tensor.key, files)
-                dest = target[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+                whole = lo == list(offsets) and hi == [o + n for o, n in zip(offsets, lengths)]
+                dest = (
+                    target
+                    if whole
+                    else target[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))]
+                )
                 regions.append(
                     _Region(
                         tensor.key,
                         fd,
-                        os.path.join(self.weights, info.relative_path),
+                        self._where[info.relative_path],
                         info,
                         tuple(chunk.sizes),
                         tuple(a - c for a, c in zip(lo, chunk.offsets)),
