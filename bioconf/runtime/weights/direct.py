@@ -531,14 +531,15 @@ class DirectLoad:
             if self.progress is not None:
                 self.progress.reset(total=sum(job.end - job.start for job in jobs))
             streams, stop = _streams(jobs, self.threads), threading.Event()
-            if len(streams) <= 1:
-                for stream in streams:
+            # This thread reads the first stream itself, the pool the others.
+            pending = [_pool(self.threads).submit(self._stream, stream, stop) for stream in streams[1:]]
+            try:
+                for stream in streams[:1]:
                     self._stream(stream, stop)
-            else:
-                pending = [_pool(self.threads).submit(self._stream, stream, stop) for stream in streams]
+            finally:
                 futures.wait(pending)  # none still writes into a target once this returns
-                for done in pending:
-                    done.result()
+            for done in pending:
+                done.result()
         except ReadFailure as failure:
             self.failures.append(failure)
         except Exception as error:
