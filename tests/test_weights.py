@@ -31,7 +31,8 @@ from bioconf.errors import CheckpointError, CheckpointNotFoundError, WeightsErro
 from bioconf.runtime import OVERRIDE_BIONEMO_CONFIG_DEFAULTS, GPTModelConfig, materialize
 from bioconf.runtime.initialize import init_checkpoint
 from bioconf.runtime.parallel import ensure_parallel_state
-from bioconf.runtime.weights import LoadReport, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.runtime.weights import LoadReport, direct, load_weights_sharded_inplace_nemo2_to_mcore
+from bioconf.runtime.weights import load as load_module
 from bioconf.runtime.weights.direct import _fast_layout
 from bioconf.runtime.weights.reader import _DirectReader, _item_layout, _ItemFile, _read_direct, progress_bar
 from bioconf.schema import ModelConfig
@@ -75,6 +76,30 @@ def test_load_is_in_place_and_bit_exact(parallel, ckpt):
     data = json.loads(json.dumps(report.to_dict()))  # plain data
     assert data["bytes_read"] == report.bytes_read and data["throughput"] >= weights / elapsed
     assert f"loaded {len(report.loaded)} tensors" in str(report)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_reads_cut_into_small_pieces_and_several_streams_are_exact(parallel, ckpt, monkeypatch, threads):
+    """The direct path with 1 KiB pieces: each tensor is many reads, cut into contiguous streams,
+    one per reader thread (the loading thread reads the first). Bit-exact, each byte read once."""
+    monkeypatch.setattr(direct, "PIECE", 1024)
+    monkeypatch.setattr(load_module, "_reader_threads", lambda: threads)
+    model = build(GPT, seed=1)
+    report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
+    assert same(tensors(model), stored(ckpt))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert report.bytes_kept == weights and weights <= report.bytes_read < 1.2 * weights
+
+
+def test_streams_are_contiguous_and_balanced():
+    """Jobs in file order, cut into at most one stream per thread, each a contiguous run of jobs."""
+    region = object()
+    jobs = [direct._Job("bytes", region, at, at + size) for at, size in zip(range(0, 1000, 100), [100] * 10)]
+    streams = direct._streams(jobs, 3)
+    assert [job for stream in streams for job in stream] == jobs
+    assert [len(stream) for stream in streams] == [4, 3, 3]
+    assert direct._streams(jobs[:2], 8) == [[jobs[0]], [jobs[1]]]
+    assert direct._streams([], 2) == []
 
 
 def test_a_weights_folder_is_accepted_too(parallel, ckpt):
