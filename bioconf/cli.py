@@ -280,9 +280,8 @@ def _print_resolved(report: dict[str, Any]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from bioconf.service import ServiceSettings, create_app
+        from bioconf.service.server import serve
     except ImportError as error:
         message = f"bioconf serve needs the service extra: pip install 'bioconf[service]' ({error})"
         return _report_error(UsageError.one(message, "missing_extra"), "text")
@@ -296,10 +295,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app = create_app(settings)
     except BioconfError as error:  # a checkpoint root that is not a folder
         return _report_error(error, "text")
-    # asyncio's loop, not uvloop: as fast here, and fair under many connections (uvloop's p99 was 8x).
-    uvicorn.run(
-        app, host=args.host, port=args.port, loop="asyncio", access_log=args.access_log, server_header=False
-    )
+    serve(app, args.host, args.port, access_log=args.access_log)
     return EXIT_OK
 
 

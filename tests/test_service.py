@@ -32,6 +32,7 @@ tests/test_service_browser.py, whose browser needs a real server.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -56,6 +57,7 @@ from bioconf.checkpoint.context import write_checkpoint_context
 from bioconf.errors import CheckpointForbiddenError, UsageError
 from bioconf.schema import ModelConfig, json_schema, load_config
 from bioconf.service import ServiceSettings, create_app
+from bioconf.service.app import validated
 from bioconf.service.checkpoints import CheckpointRoot, read_checkpoint_bytes
 
 BASE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 128, "seq_length": 32}
@@ -205,6 +207,29 @@ def test_validate_returns_the_canonical_config_and_its_fingerprint(client):
     }
 
 
+@pytest.mark.parametrize(
+    ("example", "overrides"),
+    [
+        ("pretrain_esm2_small.json", []),
+        ("finetune.json", ['override_parent_fields+=["seq_length"]', "hidden_dropout=1e-5"]),
+        ("gpt_tp2.yaml", ["model_cls=esm2", "layernorm_epsilon=1e-12"]),  # a family's defaults, not set
+    ],
+)
+def test_the_answer_is_built_from_one_dump_with_what_the_config_methods_give(example, overrides):
+    """The answer takes the fingerprint and the config from one dump of the config (the methods
+    dump it once each): they must be ``fingerprint()`` and ``to_dict(exclude_unset=True)``, the
+    config in sorted order, as ``save_config`` writes it."""
+    config = load_config(EXAMPLES / example, overrides)
+    answer = orjson.loads(validated(config))
+    assert answer == {
+        "valid": True,
+        "fingerprint": config.fingerprint(),
+        "config": config.to_dict(exclude_unset=True),
+        "warnings": config.advice(),
+    }
+    assert list(answer["config"]) == sorted(config.model_fields_set)
+
+
 def test_validate_reads_yaml_by_content_type_and_applies_overrides(client):
     response = client.post(
         "/v1/validate",
@@ -312,6 +337,40 @@ def test_a_body_over_the_limit_is_413_even_without_content_length(client):
         413,
         "body-too-large",
     )
+
+
+def test_a_client_that_leaves_during_the_body_is_a_400_problem(app):
+    """The body is read from the ASGI messages themselves: a disconnect before it is complete is the
+    same 400 problem as when Starlette's request stream read it."""
+    messages = [
+        {"type": "http.request", "body": b'{"num_layers": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/validate",
+        "raw_path": b"/v1/validate",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400
+    assert orjson.loads(sent[1]["body"])["type"] == "https://bioconf.dev/problems/invalid-request"
 
 
 def test_a_body_that_stops_arriving_is_408_after_the_time_limit(live_url):
