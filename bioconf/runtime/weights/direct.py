@@ -294,7 +294,7 @@ def _copy_staged(region: _Region, buffer: torch.Tensor) -> None:
 
 class DirectLoad:
     """Reads every region of a rank's request; ``bytes_read`` counts every byte asked of the kernel
-    (zip records, coalesced gaps), ``bytes_kept`` the bytes of the regions."""
+    (zip records, gaps read between rows), ``bytes_kept`` the bytes of the regions."""
 
     def __init__(self, weights: str, metadata: Metadata, threads: int, progress: Any = None):
         self.weights, self.metadata, self.threads, self.progress = weights, metadata, threads, progress

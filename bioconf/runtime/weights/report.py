@@ -22,7 +22,7 @@ class LoadReport:
     cast: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Key -> (checkpoint dtype, model dtype), where the values were converted."""
     bytes_read: int = 0
-    """Bytes this rank read from the weights files (zip records and coalesced gaps included)."""
+    """Bytes this rank read from the weights files (zip records and the gaps read between rows included)."""
     bytes_kept: int = 0
     """Bytes of the checkpoint's tensors this rank keeps (0 when megatron's load path ran)."""
     stock_reads: int = 0
