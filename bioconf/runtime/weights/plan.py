@@ -153,6 +153,7 @@ def check_index(metadata: Metadata, weights: str) -> None:
     if not isinstance(storage, dict):
         raise invalid("storage_data is not a mapping", input=type(storage).__name__)
     unsafe: dict[tuple[str, str], set[str]] = {}
+    checked: dict[str, str | None] = {}
     for index, info in storage.items():
         if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str):
             raise invalid(f"a storage_data key is a {type(index).__name__}")
@@ -173,7 +174,13 @@ def check_index(metadata: Metadata, weights: str) -> None:
             raise invalid(
                 f"where {index.fqn!r} is stored is malformed", loc=(index.fqn.removeprefix(MODULE_PREFIX),)
             )
-        why = _unsafe_location(info.relative_path)
+        relative = info.relative_path
+        if isinstance(relative, str):  # a shard file holds many items: its name is checked once
+            if relative not in checked:
+                checked[relative] = _unsafe_location(relative)
+            why = checked[relative]
+        else:
+            why = _unsafe_location(relative)
         if why is not None:
             unsafe.setdefault((repr(info.relative_path), why), set()).add(index.fqn)
     if unsafe:
