@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,10 +80,9 @@ def test_load_is_in_place_and_bit_exact(parallel, ckpt):
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_reads_cut_into_small_pieces_and_several_streams_are_exact(parallel, ckpt, monkeypatch, threads):
-    """The direct path with 1 KiB pieces: each tensor is many reads, cut into contiguous streams,
-    one per reader thread (the loading thread reads the first). Bit-exact, each byte read once."""
-    monkeypatch.setattr(direct, "PIECE", 1024)
+def test_several_streams_load_exactly(parallel, ckpt, monkeypatch, threads):
+    """The regions cut into one stream per reader thread (the loading thread reads the first, the
+    pool the others): bit-exact, each stored byte read once."""
     monkeypatch.setattr(load_module, "_reader_threads", lambda: threads)
     model = build(GPT, seed=1)
     report = load_weights_sharded_inplace_nemo2_to_mcore(model, ckpt, [])
@@ -91,14 +91,17 @@ def test_reads_cut_into_small_pieces_and_several_streams_are_exact(parallel, ckp
     assert report.bytes_kept == weights and weights <= report.bytes_read < 1.2 * weights
 
 
-def test_streams_are_contiguous_and_balanced():
-    """Jobs in file order, cut into at most one stream per thread, each a contiguous run of jobs."""
-    region = object()
-    jobs = [direct._Job("bytes", region, at, at + size) for at, size in zip(range(0, 1000, 100), [100] * 10)]
-    streams = direct._streams(jobs, 3)
-    assert [job for stream in streams for job in stream] == jobs
+def test_streams_are_contiguous_in_file_order_and_balanced():
+    """Regions sorted by file and offset, cut into at most one stream per thread, each a contiguous
+    run of about equal stored bytes."""
+    regions = [
+        SimpleNamespace(where=f"shard{i // 5}", item=SimpleNamespace(offset=(i % 5) * 100, length=100))
+        for i in range(10)
+    ]
+    streams = direct._streams(list(reversed(regions)), 3)
+    assert [region for stream in streams for region in stream] == regions
     assert [len(stream) for stream in streams] == [4, 3, 3]
-    assert direct._streams(jobs[:2], 8) == [[jobs[0]], [jobs[1]]]
+    assert direct._streams(regions[:2], 8) == [[regions[0]], [regions[1]]]
     assert direct._streams([], 2) == []
 
 

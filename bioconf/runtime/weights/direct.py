@@ -5,18 +5,18 @@ collectives cost more than reading a small model).
 ``plan.plan_load`` has checked every requested tensor against the index (keys, shapes, chunks that
 tile each tensor, files that are long enough); what is left here is reading:
 
-1. each stored item this rank needs is located: its head and tail (the zip records ``torch.save``
-   wrote around the tensor's bytes) are read and parsed (``_fast_layout``), or, for anything that
-   parser does not expect, parsed by ``reader._item_layout`` (zipfile) as before;
-2. the part of each stored chunk the rank keeps is planned as a read into the target (``_plan_read``):
-   a dense region is one span straight into the target tensor; a column block of a row-major tensor
-   (a row-parallel weight at TP > 1) is ``_Rows``, read in place by ``preadv`` calls whose vectors
-   alternate the target's rows and a discard buffer for the bytes between them (where those gaps are
-   long, a call per row, so that the rank reads only the bytes it keeps);
-3. the reads, cut into pieces of about ``PIECE`` bytes and put in file order, are cut into one
-   contiguous stream per reader thread, so that each thread reads its part of the files front to
-   back: the kernel's readahead sees sequential readers (on a cold page cache that is what makes the
-   disk the limit), told beforehand of every item the rank reads (``POSIX_FADV_WILLNEED``).
+1. the part of each stored chunk the rank keeps is a region of its target (``_regions``); the
+   regions, in file order, are cut into one contiguous stream per reader thread (``_streams``), and
+   the kernel is told of every item they read (``POSIX_FADV_WILLNEED``), so that each thread reads
+   its part of the files front to back (on a cold page cache that is what makes the disk the limit);
+2. a thread takes each region of its stream in turn: the stored item's head and tail (the zip
+   records ``torch.save`` wrote around the tensor's bytes) are read and parsed (``_fast_layout``;
+   anything that parser does not expect is parsed by ``reader._item_layout``, zipfile, or read
+   the stock way), then the region's bytes are read (``_plan_read``): a dense region in one span
+   straight into the target; a column block of a row-major tensor (a row-parallel weight at
+   TP > 1) as ``_Rows``, by ``preadv`` calls whose vectors alternate the target's rows and a discard
+   buffer for the bytes between them (where those gaps are long, a call per row, so that the rank
+   reads only the bytes it keeps). Parsing one item overlaps reading others on the other threads.
 
 Targets that cannot be written in place (another dtype, not in host memory, not contiguous) are
 read into a per-thread scratch buffer and copied. A load takes this path when every rank's request
@@ -27,6 +27,7 @@ is plain ShardedTensors in plain stored items (``eligible``); otherwise megatron
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import pickle
@@ -67,9 +68,6 @@ row, skipping the gaps, only when the gaps between its rows are at least this lo
 read into a discard buffer by the same ``preadv`` call as the rows around them. A call of its own
 costs a row ~2 us here, the time to copy ~16 KB from the page cache, and a gap under a page or two
 saves no disk work (readahead reads it anyway), so only large gaps (high TP) are worth skipping."""
-PIECE = 16 << 20
-"""About how many bytes one ``preadv`` job reads: large sequential reads, enough jobs for the
-threads."""
 _IOV_MAX = 1024
 _HEAD = 1024
 """Bytes read at each end of a stored item to find its zip records (torch.save writes ~700 before
@@ -127,21 +125,6 @@ class _Region:
     dense: tuple[int, memoryview] | None = None  # (file offset, the target's bytes): read in place
     rows: _Rows | None = None  # read in place
     staged: tuple[int, int] | None = None  # (file offset, nbytes) read into scratch, then copied
-
-
-@dataclass
-class _Job:
-    """One read of a stream: bytes ``start`` to ``end`` of ``region``'s file. ``kind`` says how they
-    land: "bytes" (into ``dest``), "rows" (rows ``first`` to ``first + count`` of ``region.rows``) or
-    "staged" (``region``'s span into scratch, then copied)."""
-
-    kind: str
-    region: _Region
-    start: int
-    end: int
-    dest: memoryview | None = None
-    first: int = 0
-    count: int = 0
 
 
 @lru_cache(maxsize=256)
@@ -366,28 +349,6 @@ class DirectLoad:
                 )
         return regions
 
-    def _locate(self, regions: list[_Region]) -> list[_Region]:
-        """Each region's stored layout (one parse per stored item); regions whose item the direct
-        reader does not parse are read the stock way here and left out of the result."""
-        layouts: dict[tuple[int, int], _TensorLayout | None] = {}
-        planned = []
-        for region in regions:
-            info = region.item
-            with _naming(region.where, region.key):
-                ident = (region.fd, info.offset)
-                if ident not in layouts:
-                    layouts[ident] = self._layout(region.fd, info)
-                layout = layouts[ident]
-                if layout is None:
-                    self._stock(region)
-                    continue
-                if layout.size != region.shape:
-                    raise _Corrupt(f"holds a tensor of {layout.size}, the index says {region.shape}")
-            region.layout = layout
-            _plan_read(region, layout)
-            planned.append(region)
-        return planned
-
     def _layout(self, fd: int, info: Any) -> _TensorLayout | None:
         n = min(info.length, _HEAD)
         head = bytearray(n)
@@ -396,7 +357,7 @@ class DirectLoad:
         tail = bytearray(n)
         if pread_into(fd, memoryview(tail), info.offset + info.length - n) != n:
             raise _Corrupt(f"the file ends inside the item at byte {info.offset:,}")
-        self.bytes_read += 2 * n
+        self._count(read=2 * n)
         layout = _fast_layout(bytes(head), bytes(tail), info.offset, info.length)
         if layout is not None:
             return layout
@@ -405,15 +366,13 @@ class DirectLoad:
             layout = _item_layout(item)
         except _Unsupported:
             layout = None
-        self.bytes_read += item.bytes_read
+        self._count(read=item.bytes_read)
         return layout
 
     def _stock(self, region: _Region) -> None:
         """torch.load the whole item (weights only), as the stock reader does."""
         raw = _read_item(region.fd, region.item)
-        self.bytes_read += len(raw)
-        self.stock_reads += 1
-        import io
+        self._count(read=len(raw), stock=1)
 
         try:
             tensor = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -423,34 +382,15 @@ class DirectLoad:
             found = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise _Corrupt(f"holds {found}, the index says a tensor of {region.shape}")
         region.dest.copy_(tensor[tuple(slice(o, o + n) for o, n in zip(region.src_offsets, region.lengths))])
-        self.bytes_kept += math.prod(region.lengths) * region.dest.element_size()
+        self._count(kept=math.prod(region.lengths) * region.dest.element_size())
+
+    def _count(self, read: int = 0, kept: int = 0, stock: int = 0) -> None:
+        with self._lock:
+            self.bytes_read += read
+            self.bytes_kept += kept
+            self.stock_reads += stock
 
     # -- reading ----------------------------------------------------------------------------------
-
-    def _jobs(self, regions: list[_Region]) -> list[_Job]:
-        """Every read of the load, in file order, cut to about PIECE bytes (so that threads share a
-        large tensor)."""
-        jobs: list[_Job] = []
-        for region in regions:
-            assert region.layout is not None
-            self.bytes_kept += math.prod(region.lengths) * region.layout.dtype.itemsize
-            if region.dense is not None:
-                offset, view = region.dense
-                for at in range(0, len(view), PIECE):
-                    piece = view[at : at + PIECE]
-                    jobs.append(_Job("bytes", region, offset + at, offset + at + len(piece), piece))
-            elif region.rows is not None:
-                rows = region.rows
-                per_job = max(1, PIECE // rows.pitch)
-                for first in range(0, rows.count, per_job):
-                    count = min(per_job, rows.count - first)
-                    offset, nbytes = rows.span(first, count)
-                    jobs.append(_Job("rows", region, offset, offset + nbytes, first=first, count=count))
-            elif region.staged is not None:
-                offset, nbytes = region.staged
-                jobs.append(_Job("staged", region, offset, offset + nbytes))
-        jobs.sort(key=lambda job: (job.region.where, job.start))
-        return jobs
 
     def _discard(self, n: int) -> memoryview:
         buffer = getattr(self._local, "discard", None)
@@ -464,53 +404,69 @@ class DirectLoad:
             buffer = self._local.scratch = torch.empty(n, dtype=torch.uint8)
         return buffer[:n]
 
-    def _job(self, job: _Job) -> int:
-        """Read one job; the bytes asked of the kernel."""
-        region = job.region
-        with _naming(region.where, region.key):
-            if job.kind == "staged":
-                buffer = self._scratch(job.end - job.start)
-                _fill(region.fd, [memoryview(buffer.numpy())], job.start)
-                _copy_staged(region, buffer)
-            elif job.kind == "rows":
-                rows = region.rows
-                assert rows is not None
-                if rows.pitch - rows.length >= ROW_READS_FROM_GAP:  # a call per row, the gaps skipped
-                    for i in range(job.first, job.first + job.count):
-                        _fill(
-                            region.fd,
-                            [rows.dest[i * rows.length : (i + 1) * rows.length]],
-                            rows.span(i, 1)[0],
-                        )
-                    return job.count * rows.length
-                gap = self._discard(rows.pitch - rows.length)
-                for first in range(job.first, job.first + job.count, _IOV_MAX // 2):
-                    count = min(_IOV_MAX // 2, job.first + job.count - first)
-                    vectors = []
-                    for i in range(first, first + count):
-                        vectors.append(rows.dest[i * rows.length : (i + 1) * rows.length])
-                        vectors.append(gap)
-                    vectors.pop()  # nothing is read after the last row
-                    _fill(region.fd, vectors, rows.span(first, count)[0])
-            else:
-                assert job.dest is not None
-                _fill(region.fd, [job.dest], job.start)
-        return job.end - job.start
+    def _read(self, region: _Region) -> int:
+        """Read one planned region into its target; the bytes asked of the kernel."""
+        if region.dense is not None:
+            offset, view = region.dense
+            _fill(region.fd, [view], offset)
+            return len(view)
+        if region.staged is not None:
+            offset, nbytes = region.staged
+            buffer = self._scratch(nbytes)
+            _fill(region.fd, [memoryview(buffer.numpy())], offset)
+            _copy_staged(region, buffer)
+            return nbytes
+        rows = region.rows
+        assert rows is not None
+        if rows.pitch - rows.length >= ROW_READS_FROM_GAP:  # a call per row, the gaps skipped
+            for i in range(rows.count):
+                _fill(region.fd, [rows.dest[i * rows.length : (i + 1) * rows.length]], rows.span(i, 1)[0])
+            return rows.count * rows.length
+        gap = self._discard(rows.pitch - rows.length)
+        for first in range(0, rows.count, _IOV_MAX // 2):
+            count = min(_IOV_MAX // 2, rows.count - first)
+            vectors = []
+            for i in range(first, first + count):
+                vectors.append(rows.dest[i * rows.length : (i + 1) * rows.length])
+                vectors.append(gap)
+            vectors.pop()  # nothing is read after the last row
+            _fill(region.fd, vectors, rows.span(first, count)[0])
+        return rows.span(0, rows.count)[1]
 
-    def _stream(self, jobs: list[_Job], stop: threading.Event) -> None:
-        """One reader thread's share of the jobs, front to back; stops early once a read has failed."""
-        for job in jobs:
+    def _load(self, region: _Region, layouts: dict[tuple[int, int], _TensorLayout | None]) -> None:
+        """One region, on a reader thread: its stored item's records read and parsed (once per item
+        and stream: ``layouts``), then its bytes read into the target; an item the parser does not
+        take is read the stock way."""
+        info = region.item
+        with _naming(region.where, region.key):
+            ident = (region.fd, info.offset)
+            if ident not in layouts:
+                layouts[ident] = self._layout(region.fd, info)
+            layout = layouts[ident]
+            if layout is None:
+                self._stock(region)
+                return
+            if layout.size != region.shape:
+                raise _Corrupt(f"holds a tensor of {layout.size}, the index says {region.shape}")
+            region.layout = layout
+            _plan_read(region, layout)
+            read = self._read(region)
+        self._count(read=read, kept=math.prod(region.lengths) * layout.dtype.itemsize)
+
+    def _stream(self, regions: list[_Region], stop: threading.Event) -> None:
+        """One reader thread's share of the regions, front to back; stops early once one has failed."""
+        layouts: dict[tuple[int, int], _TensorLayout | None] = {}
+        for region in regions:
             if stop.is_set():
                 return
             try:
-                n = self._job(job)
+                self._load(region, layouts)
             except BaseException:
                 stop.set()
                 raise
-            with self._lock:
-                self.bytes_read += n
-                if self.progress is not None:
-                    self.progress.update(job.end - job.start)
+            if self.progress is not None:
+                with self._lock:
+                    self.progress.update(region.item.length)
 
     def run(self, tensors: list[ShardedTensor]) -> None:
         """Read every tensor; a failure is kept in ``failures`` (a ReadFailure, or another
@@ -518,26 +474,20 @@ class DirectLoad:
         files: dict[str, int] = {}
         try:
             regions = self._regions(tensors, files)
-            # The kernel is told every byte range this rank will read before the first read, by a
-            # reader thread while this one parses the items' records: on a cold page cache the disk
-            # then reads each file front to back, and the records' small reads do not each wait for
-            # a seek (measured: ~20% faster cold, the same warm).
-            advice = _pool(self.threads).submit(_will_need, regions)
-            try:
-                regions = self._locate(regions)
-                jobs = self._jobs(regions)
-            finally:
-                futures.wait([advice])  # before the files close
             if self.progress is not None:
-                self.progress.reset(total=sum(job.end - job.start for job in jobs))
-            streams, stop = _streams(jobs, self.threads), threading.Event()
-            # This thread reads the first stream itself, the pool the others.
-            pending = [_pool(self.threads).submit(self._stream, stream, stop) for stream in streams[1:]]
+                self.progress.reset(total=sum(region.item.length for region in regions))
+            streams, stop = _streams(regions, self.threads), threading.Event()
+            # The kernel is told of every item this rank reads before the first read (on a cold page
+            # cache the disk then reads ahead of every stream); this thread reads the first stream
+            # itself, the pool the others.
+            pool = _pool(self.threads)
+            pending = [pool.submit(_will_need, regions)]
+            pending += [pool.submit(self._stream, stream, stop) for stream in streams[1:]]
             try:
                 for stream in streams[:1]:
                     self._stream(stream, stop)
             finally:
-                futures.wait(pending)  # none still writes into a target once this returns
+                futures.wait(pending)  # none still writes into a target, nor uses a file, after this
             for done in pending:
                 done.result()
         except ReadFailure as failure:
@@ -580,15 +530,17 @@ def _fill(fd: int, vectors: list[memoryview], offset: int) -> None:
             vectors[0] = vectors[0][n:]
 
 
-def _streams(jobs: list[_Job], threads: int) -> list[list[_Job]]:
-    """The jobs (in file order) cut into at most ``threads`` contiguous streams of about equal bytes."""
-    total = sum(job.end - job.start for job in jobs)
-    count = max(1, min(threads, len(jobs)))
-    streams: list[list[_Job]] = [[] for _ in range(count)]
+def _streams(regions: list[_Region], threads: int) -> list[list[_Region]]:
+    """The regions in file order, cut into at most ``threads`` contiguous streams of about equal
+    stored bytes."""
+    ordered = sorted(regions, key=lambda region: (region.where, region.item.offset))
+    total = sum(region.item.length for region in ordered)
+    count = max(1, min(threads, len(ordered)))
+    streams: list[list[_Region]] = [[] for _ in range(count)]
     done = 0
-    for job in jobs:
-        streams[min(count - 1, done * count // max(total, 1))].append(job)
-        done += job.end - job.start
+    for region in ordered:
+        streams[min(count - 1, done * count // max(total, 1))].append(region)
+        done += region.item.length
     return [stream for stream in streams if stream]
 
 
