@@ -532,7 +532,8 @@ def _fill(fd: int, vectors: list[memoryview], offset: int) -> None:
 
 def _streams(regions: list[_Region], threads: int) -> list[list[_Region]]:
     """The regions in file order, cut into at most ``threads`` contiguous streams of about equal
-    stored bytes."""
+    stored bytes. A region is not split between threads: one larger than a thread's share makes its
+    stream that much longer."""
     ordered = sorted(regions, key=lambda region: (region.where, region.item.offset))
     total = sum(region.item.length for region in ordered)
     count = max(1, min(threads, len(ordered)))
