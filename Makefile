@@ -82,4 +82,4 @@ $(BIONEMO_STAMP): constraints/bionemo.txt $(addsuffix /pyproject.toml,$(BIONEMO_
 bionemo-env: $(BIONEMO_STAMP)
 
 clean:
-	rm -rf $(VENV) $(BIONEMO_VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(BIONEMO_VENV) .pytest_cache .ruff_cache .hypothesis $(BENCH_RECORD)
