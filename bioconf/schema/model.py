@@ -547,7 +547,7 @@ class ModelConfig(MegatronFields, BaseModel, metaclass=_RewritingMetaclass):
 
     def fingerprint(self) -> str:
         """sha256 of the full canonical JSON: two configs that build the same model share it."""
-        return hashlib.sha256(self.to_json()).hexdigest()
+        return fingerprint_of(self.to_dict())
 
     def explicit_fields(self) -> dict[str, Any]:
         """The fields that were set explicitly (not left to their default), in schema form."""
@@ -772,3 +772,9 @@ def validate_with_overrides(
             issues.append(issue)
         blamed_override = any(issue.source and issue.source.startswith("--set ") for issue in issues)
         raise (OverrideError if blamed_override else ConfigError)(issues) from None
+
+
+def fingerprint_of(dump: dict[str, Any]) -> str:
+    """``ModelConfig.fingerprint`` from the config's full dump (``to_dict()``), for a caller that has
+    made that dump already (the service's answer: one dump for both)."""
+    return hashlib.sha256(orjson.dumps(dump, option=orjson.OPT_SORT_KEYS)).hexdigest()

@@ -54,7 +54,7 @@ from bioconf.errors import PROBLEM_BASE, BioconfError, ConfigIssue, ConfigReadEr
 from bioconf.resolve import POLICIES, Policy, resolve
 from bioconf.schema.files import parse_json_document, parse_yaml_document, validate_document
 from bioconf.schema.json_schema import json_schema
-from bioconf.schema.model import ModelConfig
+from bioconf.schema.model import ModelConfig, fingerprint_of
 from bioconf.service import openapi
 from bioconf.service.checkpoints import CheckpointRoot, read_checkpoint_bytes
 
@@ -254,7 +254,7 @@ def validated(config: ModelConfig) -> bytes:
     return orjson.dumps(
         {
             "valid": True,
-            "fingerprint": hashlib.sha256(orjson.dumps(full, option=orjson.OPT_SORT_KEYS)).hexdigest(),
+            "fingerprint": fingerprint_of(full),
             "config": {name: full[name] for name in sorted(config.model_fields_set)},
             "warnings": config.advice(),
         }
